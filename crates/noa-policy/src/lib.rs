@@ -1,0 +1,267 @@
+//! The policy choke point of NOA ARK OS: every kernel and bus operation asks [`Policy::authorize`].
+//!
+//! Decisions come from Cedar (`cedar-policy`) over principals (users, agents, the node), actions and resources.
+//! The default policy set (`default.cedar`) is embedded; `<data-dir>/policy.cedar` replaces it.
+//! Facts that Cedar cannot compute from names alone (does the subject belong to the agent? does its spec
+//! grant it?) are passed as request context, so a decision needs no entity store and stays in microseconds.
+
+mod error;
+
+pub use error::{Error, Result};
+
+use cedar_policy::{
+    Authorizer, Context, Decision, EntityId, EntityTypeName, EntityUid, PolicySet, Request,
+    RestrictedExpression,
+};
+use std::fmt;
+use std::path::Path;
+use std::str::FromStr;
+
+/// The embedded default policy set.
+pub const DEFAULT_POLICY: &str = include_str!("default.cedar");
+
+/// Who asks.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Principal {
+    /// An API caller; the admin token authenticates `User("admin")`.
+    User(String),
+    /// A process, by name.
+    Agent(String),
+    /// The kernel acting for itself.
+    Node,
+}
+
+impl fmt::Display for Principal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Principal::User(n) => write!(f, "user {n:?}"),
+            Principal::Agent(n) => write!(f, "agent {n:?}"),
+            Principal::Node => f.write_str("the node"),
+        }
+    }
+}
+
+/// What is asked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Action {
+    Spawn,
+    Stop,
+    Kill,
+    Restart,
+    Read,
+    Publish,
+    Subscribe,
+    Request,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Spawn => "spawn",
+            Action::Stop => "stop",
+            Action::Kill => "kill",
+            Action::Restart => "restart",
+            Action::Read => "read",
+            Action::Publish => "publish",
+            Action::Subscribe => "subscribe",
+            Action::Request => "request",
+        }
+    }
+}
+
+/// What it is asked about.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Resource {
+    Process(String),
+    /// A subject, or for `subscribe` a pattern.
+    Subject(String),
+    /// The system as a whole (status, events).
+    System,
+}
+
+impl fmt::Display for Resource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Resource::Process(n) => write!(f, "process {n:?}"),
+            Resource::Subject(s) => write!(f, "subject {s:?}"),
+            Resource::System => f.write_str("the system"),
+        }
+    }
+}
+
+/// The policy engine: a parsed policy set and a Cedar authorizer.
+pub struct Policy {
+    set: PolicySet,
+    authorizer: Authorizer,
+    source: String,
+}
+
+impl fmt::Debug for Policy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Policy")
+            .field("source", &self.source)
+            .finish()
+    }
+}
+
+fn uid(ty: &str, id: &str) -> EntityUid {
+    // The type names are fixed and valid, so parsing cannot fail.
+    let ty =
+        EntityTypeName::from_str(ty).unwrap_or_else(|e| panic!("built-in entity type {ty}: {e}"));
+    EntityUid::from_type_name_and_id(ty, EntityId::new(id))
+}
+
+impl Policy {
+    /// The embedded default policy set.
+    pub fn default_policy() -> Policy {
+        Policy::parse(DEFAULT_POLICY, "<embedded default.cedar>")
+            .unwrap_or_else(|e| panic!("the embedded policy is invalid: {e}"))
+    }
+
+    /// Parses a policy set; errors name `file`, line and column.
+    pub fn parse(text: &str, file: &str) -> Result<Policy> {
+        let set = PolicySet::from_str(text).map_err(|errs| {
+            use miette::Diagnostic;
+            let offset = errs
+                .labels()
+                .and_then(|mut l| l.next())
+                .map(|l| l.offset())
+                .unwrap_or(0);
+            let (line, column) = line_col(text, offset);
+            let message = errs
+                .iter()
+                .map(|e| e.to_string())
+                .collect::<Vec<_>>()
+                .join("; ");
+            Error::Parse {
+                file: file.to_owned(),
+                line,
+                column,
+                message,
+            }
+        })?;
+        Ok(Policy {
+            set,
+            authorizer: Authorizer::new(),
+            source: file.to_owned(),
+        })
+    }
+
+    /// `<data_dir>/policy.cedar` if it exists, else the embedded default.
+    pub fn load(data_dir: &Path) -> Result<Policy> {
+        let path = data_dir.join("policy.cedar");
+        match std::fs::read_to_string(&path) {
+            Ok(text) => Policy::parse(&text, &path.display().to_string()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Policy::default_policy()),
+            Err(e) => Err(Error::Io {
+                file: path.display().to_string(),
+                message: e.to_string(),
+            }),
+        }
+    }
+
+    /// Where the policy set came from.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// Decides. `granted` says whether the principal's own grants cover the resource (the kernel checks those).
+    pub fn authorize(
+        &self,
+        principal: &Principal,
+        action: Action,
+        resource: &Resource,
+        granted: bool,
+    ) -> Result<()> {
+        let p = match principal {
+            Principal::User(n) => uid("Noa::User", n),
+            Principal::Agent(n) => uid("Noa::Agent", n),
+            Principal::Node => uid("Noa::Node", "local"),
+        };
+        let a = uid("Noa::Action", action.as_str());
+        let (r, subject) = match resource {
+            Resource::Process(n) => (uid("Noa::Process", n), None),
+            Resource::Subject(s) => (uid("Noa::Subject", s), Some(s.as_str())),
+            Resource::System => (uid("Noa::System", "noa"), None),
+        };
+        let own_subject = match (principal, subject) {
+            (Principal::Agent(name), Some(s)) => s
+                .strip_prefix("agent.")
+                .and_then(|rest| rest.strip_prefix(name.as_str()))
+                .is_some_and(|rest| rest.starts_with('.')),
+            _ => false,
+        };
+        let subject = subject.unwrap_or("");
+        let agent_inbox = {
+            let t: Vec<&str> = subject.split('.').collect();
+            t.len() == 3 && t[0] == "agent" && t[2] == "inbox" && t[1] != "*" && t[1] != ">"
+        };
+        let context = Context::from_pairs([
+            (
+                "own_subject".to_string(),
+                RestrictedExpression::new_bool(own_subject),
+            ),
+            (
+                "agent_inbox".to_string(),
+                RestrictedExpression::new_bool(agent_inbox),
+            ),
+            (
+                "reply_inbox".to_string(),
+                RestrictedExpression::new_bool(subject.starts_with("_INBOX.")),
+            ),
+            (
+                "system".to_string(),
+                RestrictedExpression::new_bool(subject.starts_with("sys.")),
+            ),
+            (
+                "granted".to_string(),
+                RestrictedExpression::new_bool(granted),
+            ),
+        ])
+        .map_err(|e| Error::Request(e.to_string()))?;
+        let request =
+            Request::new(p, a, r, context, None).map_err(|e| Error::Request(e.to_string()))?;
+        let response =
+            self.authorizer
+                .is_authorized(&request, &self.set, &cedar_policy::Entities::empty());
+        if response.decision() == Decision::Allow {
+            return Ok(());
+        }
+        let forbids: Vec<String> = response
+            .diagnostics()
+            .reason()
+            .map(|id| {
+                self.set
+                    .policy(id)
+                    .and_then(|p| p.annotation("id").map(str::to_owned))
+                    .unwrap_or_else(|| id.to_string())
+            })
+            .collect();
+        let reason = if forbids.is_empty() {
+            format!("no policy in {} permits it", self.source)
+        } else {
+            format!("forbidden by policy {}", forbids.join(", "))
+        };
+        Err(Error::Denied {
+            principal: principal.to_string(),
+            action: action.as_str().to_owned(),
+            resource: resource.to_string(),
+            reason,
+        })
+    }
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before
+        .rsplit('\n')
+        .next()
+        .map(|l| l.chars().count())
+        .unwrap_or(0)
+        + 1;
+    (line, column)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,142 @@
+//! Decisions of the default policy set, and errors for bad policy files.
+
+use super::*;
+
+fn agent(n: &str) -> Principal {
+    Principal::Agent(n.into())
+}
+fn subj(s: &str) -> Resource {
+    Resource::Subject(s.into())
+}
+
+#[test]
+fn admin_and_node_may_do_everything() {
+    let p = Policy::default_policy();
+    for principal in [Principal::User("admin".into()), Principal::Node] {
+        p.authorize(
+            &principal,
+            Action::Spawn,
+            &Resource::Process("x".into()),
+            false,
+        )
+        .unwrap();
+        p.authorize(
+            &principal,
+            Action::Publish,
+            &subj("sys.events.1.running"),
+            false,
+        )
+        .unwrap();
+    }
+}
+
+#[test]
+fn agents_are_denied_by_default() {
+    let p = Policy::default_policy();
+    let err = p
+        .authorize(
+            &agent("echo"),
+            Action::Spawn,
+            &Resource::Process("other".into()),
+            false,
+        )
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "NOA-E0400 permission denied: agent \"echo\" may not spawn process \"other\" (no policy in <embedded default.cedar> permits it)"
+    );
+    assert!(
+        p.authorize(
+            &agent("echo"),
+            Action::Subscribe,
+            &subj("agent.other.>"),
+            false
+        )
+        .is_err()
+    );
+    assert!(
+        p.authorize(&agent("echo"), Action::Subscribe, &subj(">"), false)
+            .is_err()
+    );
+    assert!(
+        p.authorize(
+            &agent("echo"),
+            Action::Publish,
+            &subj("random.topic"),
+            false
+        )
+        .is_err()
+    );
+    assert!(
+        p.authorize(
+            &Principal::User("guest".into()),
+            Action::Read,
+            &Resource::System,
+            false
+        )
+        .is_err()
+    );
+}
+
+#[test]
+fn agents_use_their_own_subjects_inboxes_and_grants() {
+    let p = Policy::default_policy();
+    let echo = agent("echo");
+    p.authorize(&echo, Action::Subscribe, &subj("agent.echo.>"), false)
+        .unwrap();
+    p.authorize(&echo, Action::Publish, &subj("agent.echo.out"), false)
+        .unwrap();
+    assert!(
+        p.authorize(&echo, Action::Subscribe, &subj("agent.echoes.x"), false)
+            .is_err(),
+        "a prefix of a name is not the name"
+    );
+    p.authorize(&echo, Action::Request, &subj("agent.other.inbox"), false)
+        .unwrap();
+    p.authorize(&echo, Action::Publish, &subj("_INBOX.abc.1"), false)
+        .unwrap();
+    p.authorize(&echo, Action::Subscribe, &subj("jobs.>"), true)
+        .unwrap();
+}
+
+#[test]
+fn agents_never_publish_system_events_even_when_granted() {
+    let p = Policy::default_policy();
+    let err = p
+        .authorize(
+            &agent("echo"),
+            Action::Publish,
+            &subj("sys.events.1.running"),
+            true,
+        )
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("forbidden by policy agents-never-forge-system-events"),
+        "{err}"
+    );
+}
+
+#[test]
+fn policy_files_override_and_errors_name_line_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+    assert_eq!(
+        Policy::load(dir.path()).unwrap().source(),
+        "<embedded default.cedar>"
+    );
+    std::fs::write(
+        dir.path().join("policy.cedar"),
+        "permit(principal, action, resource);\n",
+    )
+    .unwrap();
+    let p = Policy::load(dir.path()).unwrap();
+    p.authorize(&agent("x"), Action::Spawn, &Resource::System, false)
+        .unwrap();
+    std::fs::write(
+        dir.path().join("policy.cedar"),
+        "permit(principal, action, resource);\npermit(principal action);\n",
+    )
+    .unwrap();
+    let err = Policy::load(dir.path()).unwrap_err().to_string();
+    assert!(err.contains("policy.cedar at line 2"), "{err}");
+}
