@@ -55,7 +55,7 @@ fn stop_reason(req: StopRequest) -> ExitReason {
 }
 
 async fn supervisor(mut ctx: ProcessContext) -> ExitReason {
-    ctx.ready();
+    ctx.sys.ready();
     loop {
         let req = *ctx.stop.borrow_and_update();
         if req != StopRequest::Run {
@@ -68,7 +68,7 @@ async fn supervisor(mut ctx: ProcessContext) -> ExitReason {
 }
 
 async fn echo(mut ctx: ProcessContext) -> ExitReason {
-    ctx.ready();
+    ctx.sys.ready();
     loop {
         let req = *ctx.stop.borrow_and_update();
         if req != StopRequest::Run {
@@ -81,8 +81,8 @@ async fn echo(mut ctx: ProcessContext) -> ExitReason {
                 if let Some(reply) = d.msg.reply.clone() {
                     let mut msg = noa_bus::Message::new(reply, d.msg.payload.clone());
                     msg.headers = d.msg.headers.clone();
-                    if let Err(e) = ctx.kernel.inner.bus.publish(msg) {
-                        ctx.log("warn", &format!("cannot reply: {e}"));
+                    if let Err(e) = ctx.sys.reply(msg) {
+                        ctx.sys.log("warn", &format!("cannot reply: {e}"));
                     }
                 }
             }

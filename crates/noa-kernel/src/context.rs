@@ -26,6 +26,7 @@ pub enum StopRequest {
 pub const MAX_VIOLATIONS: u32 = 10;
 
 /// Handed to a [`crate::Runtime`] to run one incarnation of a process.
+#[derive(Debug)]
 pub struct ProcessContext {
     pub pid: Pid,
     pub spec: Arc<ProcessSpec>,
@@ -33,41 +34,79 @@ pub struct ProcessContext {
     pub mailbox: mpsc::Receiver<Delivery>,
     /// Changes when the kernel wants the process to stop.
     pub stop: watch::Receiver<StopRequest>,
-    pub(crate) incarnation: u64,
-    pub(crate) kernel: Kernel,
-    pub(crate) sink: Sink,
-    pub(crate) subs: Arc<Mutex<Vec<SubId>>>,
-    pub(crate) violations: AtomicU32,
+    /// The process's system calls; clone it into tasks that act for the process.
+    pub sys: Syscalls,
 }
 
-impl std::fmt::Debug for ProcessContext {
+/// The policy-checked system calls of one process incarnation. Cheap to clone.
+#[derive(Clone)]
+pub struct Syscalls {
+    inner: Arc<SyscallsInner>,
+}
+
+struct SyscallsInner {
+    pid: Pid,
+    spec: Arc<ProcessSpec>,
+    incarnation: u64,
+    kernel: Kernel,
+    sink: Sink,
+    subs: Arc<Mutex<Vec<SubId>>>,
+    violations: AtomicU32,
+}
+
+impl std::fmt::Debug for Syscalls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ProcessContext")
-            .field("pid", &self.pid)
-            .field("name", &self.spec.name)
+        f.debug_struct("Syscalls")
+            .field("pid", &self.inner.pid)
+            .field("name", &self.inner.spec.name)
             .finish()
     }
 }
 
-impl ProcessContext {
+impl Syscalls {
+    pub(crate) fn new(
+        pid: Pid,
+        spec: Arc<ProcessSpec>,
+        incarnation: u64,
+        kernel: Kernel,
+        sink: Sink,
+        subs: Arc<Mutex<Vec<SubId>>>,
+    ) -> Self {
+        Syscalls {
+            inner: Arc::new(SyscallsInner {
+                pid,
+                spec,
+                incarnation,
+                kernel,
+                sink,
+                subs,
+                violations: AtomicU32::new(0),
+            }),
+        }
+    }
+
+    pub fn pid(&self) -> Pid {
+        self.inner.pid
+    }
+
     pub fn name(&self) -> &str {
-        &self.spec.name
+        &self.inner.spec.name
     }
 
     fn principal(&self) -> Principal {
-        Principal::Agent(self.spec.name.clone())
+        Principal::Agent(self.inner.spec.name.clone())
     }
 
     /// The process's inbox subject.
     pub fn inbox(&self) -> String {
-        format!("agent.{}.inbox", self.spec.name)
+        format!("agent.{}.inbox", self.inner.spec.name)
     }
 
     /// Reports that the process is up (e.g. answered `initialize`): `starting → running`.
     pub fn ready(&self) {
-        self.kernel.set_state(
-            self.pid,
-            self.incarnation,
+        self.inner.kernel.set_state(
+            self.inner.pid,
+            self.inner.incarnation,
             ProcessState::Running,
             serde_json::Value::Null,
         );
@@ -75,28 +114,31 @@ impl ProcessContext {
 
     /// Reports the OS process the runtime started, for `ps` and for cleanup after a daemon crash.
     pub fn set_os_pid(&self, os_pid: u32) {
-        self.kernel.set_os_pid(self.pid, self.incarnation, os_pid);
+        self.inner
+            .kernel
+            .set_os_pid(self.inner.pid, self.inner.incarnation, os_pid);
     }
 
     /// Appends a line to the process's log (its file, and `sys.logs.<name>` on the bus).
     pub fn log(&self, level: &str, line: &str) {
-        self.kernel
+        self.inner
+            .kernel
             .inner
             .logs
-            .append(self.pid, &self.spec.name, level, line);
+            .append(self.inner.pid, &self.inner.spec.name, level, line);
     }
 
     /// Counts a violation of the protocol or the rules and logs it. Returns true when the process has
     /// now broken the rules too often and must be ended.
     pub fn violation(&self, what: &str) -> bool {
-        let n = self.violations.fetch_add(1, Ordering::Relaxed) + 1;
+        let n = self.inner.violations.fetch_add(1, Ordering::Relaxed) + 1;
         self.log(
             "error",
             &format!("protocol violation {n}/{MAX_VIOLATIONS}: {what}"),
         );
-        self.kernel.emit(
-            self.pid,
-            &self.spec.name,
+        self.inner.kernel.emit(
+            self.inner.pid,
+            &self.inner.spec.name,
             "violation",
             serde_json::json!({ "count": n, "what": what }),
         );
@@ -104,7 +146,8 @@ impl ProcessContext {
     }
 
     fn granted_publish(&self, subject: &str) -> bool {
-        self.spec
+        self.inner
+            .spec
             .publish
             .iter()
             .any(|g| noa_bus::covers(g, subject))
@@ -118,17 +161,23 @@ impl ProcessContext {
         headers: Option<Headers>,
     ) -> Result<usize> {
         let subject = Subject::new(subject)?;
-        self.kernel.authorize(
-            &self.principal(),
-            Action::Publish,
-            &Resource::Subject(subject.to_string()),
-            self.granted_publish(subject.as_str()),
-        )?;
         let mut msg = Message::new(subject, payload);
         if let Some(h) = headers {
             msg = msg.with_headers(h)?;
         }
-        Ok(self.kernel.inner.bus.publish(msg)?)
+        self.reply(msg)
+    }
+
+    /// Publishes a prepared message (a reply, with headers) as this process, if the policy allows.
+    pub fn reply(&self, msg: Message) -> Result<usize> {
+        let subject = msg.subject.as_str();
+        self.inner.kernel.authorize(
+            &self.principal(),
+            Action::Publish,
+            &Resource::Subject(subject.to_owned()),
+            self.granted_publish(subject),
+        )?;
+        Ok(self.inner.kernel.inner.bus.publish(msg)?)
     }
 
     /// Sends a request as this process and waits for the reply, if the policy allows.
@@ -140,7 +189,7 @@ impl ProcessContext {
         timeout: Duration,
     ) -> Result<Message> {
         let subject = Subject::new(subject)?;
-        self.kernel.authorize(
+        self.inner.kernel.authorize(
             &self.principal(),
             Action::Request,
             &Resource::Subject(subject.to_string()),
@@ -150,50 +199,42 @@ impl ProcessContext {
         if let Some(h) = headers {
             msg = msg.with_headers(h)?;
         }
-        Ok(self.kernel.inner.bus.request(msg, timeout).await?)
+        Ok(self.inner.kernel.inner.bus.request(msg, timeout).await?)
     }
 
     /// Subscribes this process's mailbox to `pattern`, if the policy allows.
     pub fn subscribe(&self, pattern: &str, queue: Option<&str>) -> Result<SubId> {
         noa_bus::Pattern::new(pattern)?;
         let granted = self
+            .inner
             .spec
             .subscribe
             .iter()
             .any(|g| noa_bus::covers(g, pattern));
-        self.kernel.authorize(
+        self.inner.kernel.authorize(
             &self.principal(),
             Action::Subscribe,
             &Resource::Subject(pattern.to_owned()),
             granted,
         )?;
-        let sid = self
-            .kernel
-            .inner
-            .bus
-            .subscribe_sink(pattern, queue, self.sink.clone())?;
-        self.subs.lock().push(sid);
+        let sid =
+            self.inner
+                .kernel
+                .inner
+                .bus
+                .subscribe_sink(pattern, queue, self.inner.sink.clone())?;
+        self.inner.subs.lock().push(sid);
         Ok(sid)
     }
 
     /// Removes one of this process's own subscriptions.
     pub fn unsubscribe(&self, sid: SubId) -> Result<()> {
-        let mut subs = self.subs.lock();
+        let mut subs = self.inner.subs.lock();
         let Some(i) = subs.iter().position(|s| *s == sid) else {
             return Err(Error::NotYourSubscription { sid });
         };
         subs.remove(i);
-        self.kernel.inner.bus.unsubscribe(sid);
+        self.inner.kernel.inner.bus.unsubscribe(sid);
         Ok(())
-    }
-
-    /// Answers a request delivered to this process (replies go to reply inboxes, which every process may use).
-    pub fn respond(&self, request: &Message, payload: Bytes) -> Result<bool> {
-        Ok(self.kernel.inner.bus.respond(request, payload)?)
-    }
-
-    /// The current stop request.
-    pub fn stop_requested(&self) -> StopRequest {
-        *self.stop.borrow()
     }
 }

@@ -19,7 +19,7 @@ mod supervision;
 mod table;
 
 pub use builtin::BuiltinRuntime;
-pub use context::{MAX_VIOLATIONS, ProcessContext, StopRequest};
+pub use context::{MAX_VIOLATIONS, ProcessContext, StopRequest, Syscalls};
 pub use error::{Error, Result};
 pub use logs::{LogLine, MAX_LOG_LINE};
 pub use table::ProcessInfo;

@@ -1,14 +1,14 @@
 //! Supervision: starting incarnations, deciding restarts (strategy, restart policy, intensity, backoff),
 //! escalating to the parent, and stopping subtrees in reverse start order.
 
-use crate::context::ProcessContext;
+use crate::context::{ProcessContext, Syscalls};
 use crate::table::{Intent, Proc, Table};
 use crate::{Kernel, StopRequest};
 use noa_bus::Sink;
 use noa_types::{ExitReason, Pid, ProcessState, RestartPolicy, Strategy, SupervisorSpec, now_ms};
 use parking_lot::Mutex;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 use tokio::sync::watch;
 
@@ -56,11 +56,14 @@ impl Kernel {
             spec: spec.clone(),
             mailbox,
             stop: stop_rx,
-            incarnation,
-            kernel: self.clone(),
-            sink,
-            subs: subs.clone(),
-            violations: AtomicU32::new(0),
+            sys: Syscalls::new(
+                pid,
+                spec.clone(),
+                incarnation,
+                self.clone(),
+                sink,
+                subs.clone(),
+            ),
         };
         let children = if spec.is_supervisor() {
             p.children.clone()

@@ -24,7 +24,7 @@ impl Runtime for Scripted {
     fn run(&self, mut ctx: ProcessContext) -> BoxFuture<'static, ExitReason> {
         let stops = self.stops.clone();
         Box::pin(async move {
-            ctx.ready();
+            ctx.sys.ready();
             loop {
                 let req = *ctx.stop.borrow_and_update();
                 match req {
