@@ -12,6 +12,7 @@
 //! a NATS transport implements the same trait, so callers do not change.
 
 mod error;
+pub mod json_payload;
 pub mod local;
 mod message;
 mod subject;

@@ -1,1 +1,233 @@
-//! placeholder
+//! Wires the NOA services together from options and runs them until shutdown.
+//!
+//! `Node::start` prepares the data directory (lock, admin token), opens the store, loads the policy,
+//! builds the bus and the kernel with its runtimes, binds the listener and restores the registry.
+//! `Node::run` serves until the shutdown future resolves, then stops every process in reverse start order
+//! and flushes the store. Nothing below this crate knows it exists.
+
+mod error;
+
+pub use error::{Error, Result};
+
+use noa_bus::Bus;
+use noa_kernel::{BuiltinRuntime, Kernel, KernelOptions};
+use noa_policy::Policy;
+use noa_sandbox::{NativeOptions, NativeRuntime};
+use noa_server::{AppState, ServerOptions};
+use noa_store::Store;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::watch;
+
+/// The default address: loopback only.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
+
+/// Node settings.
+#[derive(Clone, Debug)]
+pub struct NodeOptions {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+}
+
+/// The data directory when none is given: `$NOA_DATA_DIR`, else `$XDG_DATA_HOME/noa`, else `~/.local/share/noa`.
+pub fn default_data_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("NOA_DATA_DIR").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d);
+    }
+    if let Some(d) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d).join("noa");
+    }
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
+    home.join(".local/share/noa")
+}
+
+/// The admin token's file in a data directory.
+pub fn token_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("admin.token")
+}
+
+/// The file where a running node writes its listen address, so the CLI finds it.
+pub fn addr_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("noa.addr")
+}
+
+fn dir_err(path: &Path, e: impl std::fmt::Display) -> Error {
+    Error::DataDir {
+        path: path.to_owned(),
+        message: e.to_string(),
+    }
+}
+
+/// Reads the admin token, creating it (32 random bytes, hex, mode 0600) on first start.
+fn ensure_token(data_dir: &Path) -> Result<String> {
+    let path = token_path(data_dir);
+    match std::fs::read_to_string(&path) {
+        Ok(t) if !t.trim().is_empty() => return Ok(t.trim().to_owned()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(dir_err(&path, e)),
+    }
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes)
+        .map_err(|e| dir_err(&path, format!("no randomness for the admin token: {e}")))?;
+    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let tmp = path.with_extension("token.tmp");
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| dir_err(&tmp, e))?;
+    f.write_all(token.as_bytes())
+        .and_then(|_| f.sync_all())
+        .map_err(|e| dir_err(&tmp, e))?;
+    std::fs::rename(&tmp, &path).map_err(|e| dir_err(&path, e))?;
+    Ok(token)
+}
+
+/// A started node: listening, with its registry restored.
+pub struct Node {
+    kernel: Kernel,
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown_tx: watch::Sender<bool>,
+    data_dir: PathBuf,
+    _lock: File,
+    started: Instant,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("data_dir", &self.data_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Node {
+    pub async fn start(opts: NodeOptions) -> Result<Node> {
+        let started = Instant::now();
+        let dir = &opts.data_dir;
+        std::fs::create_dir_all(dir).map_err(|e| dir_err(dir, e))?;
+        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join("noa.lock"))
+            .map_err(|e| dir_err(dir, e))?;
+        if lock.try_lock().is_err() {
+            return Err(Error::Locked { path: dir.clone() });
+        }
+        let token = ensure_token(dir)?;
+        let store = Store::open(&dir.join("noa.db"))?;
+        let policy = Policy::load(dir)?;
+        let bus = Bus::local();
+        let kernel = Kernel::new(
+            KernelOptions::new(dir.join("logs")),
+            bus,
+            store,
+            policy,
+            vec![
+                Arc::new(BuiltinRuntime),
+                Arc::new(NativeRuntime::new(NativeOptions::default())),
+            ],
+        );
+        let listener = tokio::net::TcpListener::bind(opts.listen)
+            .await
+            .map_err(|e| Error::Listen {
+                addr: opts.listen.to_string(),
+                message: e.to_string(),
+            })?;
+        let local = listener.local_addr().map_err(|e| Error::Listen {
+            addr: opts.listen.to_string(),
+            message: e.to_string(),
+        })?;
+        std::fs::write(addr_path(dir), local.to_string()).map_err(|e| dir_err(dir, e))?;
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let state = AppState::new(
+            kernel.clone(),
+            &token,
+            ServerOptions {
+                data_dir: dir.display().to_string(),
+                ..Default::default()
+            },
+            local,
+            shutdown_rx,
+        );
+        let restored = kernel.restore().await?;
+        if restored > 0 {
+            tracing::info!(restored, "Restarted permanent processes from the registry.");
+        }
+        Ok(Node {
+            kernel,
+            listener,
+            state,
+            shutdown_tx,
+            data_dir: dir.clone(),
+            _lock: lock,
+            started,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    pub fn kernel(&self) -> &Kernel {
+        &self.kernel
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// Time from `start` being called until now.
+    pub fn startup_time(&self) -> std::time::Duration {
+        self.started.elapsed()
+    }
+
+    /// Serves until `shutdown` resolves; then stops every process (reverse start order) and flushes the store.
+    pub async fn run(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Result<()> {
+        let Node {
+            kernel,
+            listener,
+            state,
+            shutdown_tx,
+            data_dir,
+            _lock,
+            ..
+        } = self;
+        let (stop_server_tx, stop_server_rx) = tokio::sync::oneshot::channel::<()>();
+        let app = noa_server::router(state);
+        let server = tokio::spawn(noa_server::serve(listener, app, async move {
+            let _ = stop_server_rx.await;
+        }));
+        shutdown.await;
+        tracing::info!("Shutting down: stopping processes in reverse start order.");
+        let _ = shutdown_tx.send(true);
+        kernel.shutdown().await;
+        let _ = stop_server_tx.send(());
+        match server.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(Error::Serve(e)),
+            Err(e) => tracing::error!(error = %e, "The server task ended abnormally."),
+        }
+        let _ = std::fs::remove_file(addr_path(&data_dir));
+        tracing::info!("Stopped.");
+        Ok(())
+    }
+}

@@ -1,1 +1,23 @@
-fn main() {}
+//! The `noa` binary: parses the command line and hands each command to the crates that do the work.
+
+mod cli;
+mod client;
+mod commands;
+mod output;
+
+use clap::Parser;
+
+fn main() {
+    let cli = cli::Cli::parse();
+    let code = match commands::run(cli) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("error: {e}");
+            if let Some(hint) = e.hint() {
+                eprintln!("hint: {hint}");
+            }
+            e.exit_code()
+        }
+    };
+    std::process::exit(code);
+}

@@ -1,0 +1,164 @@
+//! Prometheus text exposition of the node's counters: `noa_<subsystem>_<name>_<unit>[_total]`.
+
+use crate::AppState;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+#[derive(Debug, Default)]
+pub struct HttpMetrics {
+    by_class: [AtomicU64; 6],
+}
+
+impl HttpMetrics {
+    pub fn record(&self, status: StatusCode) {
+        let class = (status.as_u16() / 100).min(5) as usize;
+        self.by_class[class].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn total(&self) -> u64 {
+        self.by_class
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .sum()
+    }
+}
+
+/// Resident memory of this process, from /proc/self/statm.
+pub fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| {
+            s.split_whitespace()
+                .nth(1)
+                .and_then(|p| p.parse::<u64>().ok())
+        })
+        .map(|pages| pages * 4096)
+        .unwrap_or(0)
+}
+
+pub async fn render(State(state): State<AppState>) -> impl IntoResponse {
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, u64)]| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, v) in samples {
+            if labels.is_empty() {
+                let _ = writeln!(out, "{name} {v}");
+            } else {
+                let _ = writeln!(out, "{name}{{{labels}}} {v}");
+            }
+        }
+    };
+    let k = state.kernel.metrics();
+    let status = state.kernel.status();
+    let bus = state.kernel.bus().stats();
+    let version = format!("version=\"{}\"", env!("CARGO_PKG_VERSION"));
+    metric(
+        "noa_build_info",
+        "gauge",
+        "Version of this node.",
+        &[(&version, 1)],
+    );
+    metric(
+        "noa_uptime_seconds",
+        "gauge",
+        "Seconds since the node started.",
+        &[("", state.started.elapsed().as_secs())],
+    );
+    metric(
+        "noa_process_resident_memory_bytes",
+        "gauge",
+        "Resident memory of the daemon.",
+        &[("", rss_bytes())],
+    );
+    let states: Vec<(String, u64)> = [
+        "starting", "running", "waiting", "stopping", "exited", "failed",
+    ]
+    .iter()
+    .map(|s| {
+        (
+            format!("state=\"{s}\""),
+            *status.by_state.get(*s).unwrap_or(&0) as u64,
+        )
+    })
+    .collect();
+    let states: Vec<(&str, u64)> = states.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+    metric(
+        "noa_kernel_processes",
+        "gauge",
+        "Processes in the table, by state.",
+        &states,
+    );
+    metric(
+        "noa_kernel_spawns_total",
+        "counter",
+        "Processes spawned.",
+        &[("", k.spawns.load(Ordering::Relaxed))],
+    );
+    metric(
+        "noa_kernel_restarts_total",
+        "counter",
+        "Processes restarted by supervisors or on request.",
+        &[("", k.restarts.load(Ordering::Relaxed))],
+    );
+    metric(
+        "noa_kernel_exits_total",
+        "counter",
+        "Process incarnations that ended.",
+        &[("", k.exits.load(Ordering::Relaxed))],
+    );
+    metric(
+        "noa_policy_decisions_total",
+        "counter",
+        "Policy decisions, by outcome.",
+        &[
+            (
+                "decision=\"allow\"",
+                k.policy_allowed.load(Ordering::Relaxed),
+            ),
+            ("decision=\"deny\"", k.policy_denied.load(Ordering::Relaxed)),
+        ],
+    );
+    metric(
+        "noa_bus_published_total",
+        "counter",
+        "Messages published on the bus.",
+        &[("", bus.published)],
+    );
+    metric(
+        "noa_bus_delivered_total",
+        "counter",
+        "Messages delivered to subscriptions.",
+        &[("", bus.delivered)],
+    );
+    metric(
+        "noa_bus_dropped_total",
+        "counter",
+        "Messages dropped because a subscriber's buffer was full.",
+        &[("", bus.dropped)],
+    );
+    metric(
+        "noa_bus_subscriptions",
+        "gauge",
+        "Live subscriptions.",
+        &[("", bus.subscriptions)],
+    );
+    let classes: Vec<(String, u64)> = (1..6)
+        .map(|c| {
+            (
+                format!("class=\"{c}xx\""),
+                state.http.by_class[c].load(Ordering::Relaxed),
+            )
+        })
+        .collect();
+    let classes: Vec<(&str, u64)> = classes.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+    metric(
+        "noa_http_requests_total",
+        "counter",
+        "HTTP responses, by status class.",
+        &classes,
+    );
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+}

@@ -1,0 +1,201 @@
+//! The OpenAPI 3.1 document of the HTTP API, built from the same route table the tests check against the router.
+
+use serde_json::{Value, json};
+
+/// Every route: method, path, summary, whether it needs the token, and the response schema it returns.
+pub const ROUTES: &[(&str, &str, &str, bool, &str)] = &[
+    (
+        "get",
+        "/healthz",
+        "Liveness: the process answers.",
+        false,
+        "Health",
+    ),
+    (
+        "get",
+        "/readyz",
+        "Readiness: the store answers and the node is not shutting down.",
+        false,
+        "Health",
+    ),
+    (
+        "get",
+        "/api/v1/status",
+        "Kernel, store and server status, version, uptime, data directory.",
+        true,
+        "Status",
+    ),
+    (
+        "get",
+        "/api/v1/processes",
+        "The process table.",
+        true,
+        "ProcessList",
+    ),
+    (
+        "post",
+        "/api/v1/processes",
+        "Spawn a process from a spec.",
+        true,
+        "ProcessInfo",
+    ),
+    (
+        "get",
+        "/api/v1/processes/{name}",
+        "One process.",
+        true,
+        "ProcessInfo",
+    ),
+    (
+        "post",
+        "/api/v1/processes/{name}/stop",
+        "Stop a process (children first) and forget its spec.",
+        true,
+        "ProcessInfo",
+    ),
+    (
+        "post",
+        "/api/v1/processes/{name}/kill",
+        "Kill a process now; its supervisor treats it as a crash.",
+        true,
+        "ProcessInfo",
+    ),
+    (
+        "post",
+        "/api/v1/processes/{name}/restart",
+        "Stop a process and start it again.",
+        true,
+        "ProcessInfo",
+    ),
+    (
+        "get",
+        "/api/v1/processes/{name}/logs",
+        "Last log lines (`tail`), or with `follow=true` a live Server-Sent Events stream.",
+        true,
+        "LogLines",
+    ),
+    (
+        "post",
+        "/api/v1/bus/publish",
+        "Publish a message on a subject.",
+        true,
+        "Published",
+    ),
+    (
+        "post",
+        "/api/v1/bus/request",
+        "Send a request and wait for the reply (`timeout_ms`).",
+        true,
+        "BusMessage",
+    ),
+    (
+        "get",
+        "/api/v1/events",
+        "Journal events (filters: after, name, pid, limit).",
+        true,
+        "EventList",
+    ),
+    (
+        "get",
+        "/api/v1/events/stream",
+        "A bus subscription (`subject`, default sys.events.>) as Server-Sent Events.",
+        true,
+        "BusMessage",
+    ),
+    (
+        "get",
+        "/api/v1/events/ws",
+        "A bus subscription (`subject`) over WebSocket, one JSON text frame per message.",
+        true,
+        "BusMessage",
+    ),
+    ("get", "/api/v1/openapi.json", "This document.", true, "Any"),
+    ("get", "/metrics", "Prometheus metrics.", true, "Any"),
+];
+
+fn schemas() -> Value {
+    json!({
+        "Any": {},
+        "Error": { "type": "object", "properties": { "error": { "type": "object", "properties": {
+            "code": { "type": "string", "example": "NOA-E0500" }, "message": { "type": "string" } }, "required": ["code", "message"] } } },
+        "Health": { "type": "object", "properties": { "status": { "type": "string" } } },
+        "Status": { "type": "object", "properties": {
+            "version": { "type": "string" }, "uptime_ms": { "type": "integer" }, "data_dir": { "type": "string" },
+            "kernel": { "type": "object" }, "store": { "type": "object" }, "server": { "type": "object" } } },
+        "ProcessSpec": { "type": "object", "required": ["name", "kind"], "additionalProperties": false, "properties": {
+            "name": { "type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$" },
+            "kind": { "enum": ["native", "builtin"] },
+            "native": { "type": "object", "required": ["command"], "properties": {
+                "command": { "type": "string" }, "args": { "type": "array", "items": { "type": "string" } }, "cwd": { "type": "string" } } },
+            "builtin": { "enum": ["supervisor", "echo"] },
+            "supervisor": { "type": "object", "properties": {
+                "strategy": { "enum": ["one_for_one", "one_for_all", "rest_for_one"] }, "max_restarts": { "type": "integer" },
+                "within_ms": { "type": "integer" }, "backoff_ms": { "type": "integer" }, "backoff_max_ms": { "type": "integer" } } },
+            "restart": { "enum": ["permanent", "transient", "temporary"] },
+            "parent": { "type": "string" },
+            "env": { "type": "object", "additionalProperties": { "type": "string" } },
+            "limits": { "type": "object", "properties": {
+                "memory_bytes": { "type": "integer" }, "cpu_seconds": { "type": "integer" }, "open_files": { "type": "integer" },
+                "mailbox": { "type": "integer" }, "stop_grace_ms": { "type": "integer" } } },
+            "publish": { "type": "array", "items": { "type": "string" } },
+            "subscribe": { "type": "array", "items": { "type": "string" } } } },
+        "ProcessInfo": { "type": "object", "properties": {
+            "pid": { "type": "integer" }, "name": { "type": "string" }, "kind": { "type": "string" }, "state": { "enum": ["starting", "running", "waiting", "stopping", "exited", "failed"] },
+            "restart": { "type": "string" }, "restarts": { "type": "integer" }, "os_pid": { "type": ["integer", "null"] },
+            "parent": { "type": ["string", "null"] }, "parent_pid": { "type": ["integer", "null"] }, "started_ms": { "type": "integer" },
+            "uptime_ms": { "type": "integer" }, "exit": { "type": ["string", "null"] }, "command": { "type": "string" },
+            "strategy": { "type": ["string", "null"] }, "children": { "type": "integer" } } },
+        "ProcessList": { "type": "array", "items": { "$ref": "#/components/schemas/ProcessInfo" } },
+        "LogLines": { "type": "array", "items": { "type": "object", "properties": {
+            "ts_ms": { "type": "integer" }, "pid": { "type": "integer" }, "level": { "type": "string" }, "line": { "type": "string" } } } },
+        "OutgoingMessage": { "type": "object", "required": ["subject"], "additionalProperties": false, "properties": {
+            "subject": { "type": "string" }, "data": {}, "text": { "type": "string" }, "base64": { "type": "string" },
+            "headers": { "type": "object", "additionalProperties": { "type": "string" } }, "timeout_ms": { "type": "integer", "minimum": 1, "maximum": 300000 } } },
+        "BusMessage": { "type": "object", "properties": {
+            "subject": { "type": "string" }, "headers": { "type": "object" }, "data": {}, "text": { "type": "string" }, "base64": { "type": "string" } } },
+        "Published": { "type": "object", "properties": { "delivered": { "type": "integer" } } },
+        "Event": { "type": "object", "properties": {
+            "seq": { "type": "integer" }, "ts_ms": { "type": "integer" }, "pid": { "type": "integer" }, "name": { "type": "string" },
+            "event": { "type": "string" }, "detail": {} } },
+        "EventList": { "type": "array", "items": { "$ref": "#/components/schemas/Event" } },
+    })
+}
+
+/// The OpenAPI document.
+pub fn openapi() -> Value {
+    let mut paths = serde_json::Map::new();
+    for (method, path, summary, authed, schema) in ROUTES {
+        let mut op = json!({
+            "summary": summary,
+            "responses": {
+                "200": { "description": "OK", "content": { "application/json": { "schema": { "$ref": format!("#/components/schemas/{schema}") } } } },
+                "default": { "description": "An error", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Error" } } } },
+            },
+        });
+        if !authed {
+            op["security"] = json!([]);
+        }
+        if path.contains("{name}") {
+            op["parameters"] = json!([{ "name": "name", "in": "path", "required": true, "schema": { "type": "string" } }]);
+        }
+        if *path == "/api/v1/processes" && *method == "post" {
+            op["requestBody"] = json!({ "required": true, "content": { "application/json": { "schema": { "$ref": "#/components/schemas/ProcessSpec" } } } });
+        }
+        if path.starts_with("/api/v1/bus/") {
+            op["requestBody"] = json!({ "required": true, "content": { "application/json": { "schema": { "$ref": "#/components/schemas/OutgoingMessage" } } } });
+        }
+        let entry = paths.entry(path.to_string()).or_insert_with(|| json!({}));
+        entry[*method] = op;
+    }
+    json!({
+        "openapi": "3.1.0",
+        "info": { "title": "NOA ARK OS", "version": env!("CARGO_PKG_VERSION"), "description": "The HTTP API of a NOA node." },
+        "servers": [{ "url": "http://127.0.0.1:7070" }],
+        "security": [{ "bearer": [] }],
+        "components": {
+            "securitySchemes": { "bearer": { "type": "http", "scheme": "bearer", "description": "The admin token from <data-dir>/admin.token" } },
+            "schemas": schemas(),
+        },
+        "paths": paths,
+    })
+}
