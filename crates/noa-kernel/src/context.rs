@@ -165,17 +165,25 @@ impl Syscalls {
         if let Some(h) = headers {
             msg = msg.with_headers(h)?;
         }
-        self.reply(msg)
-    }
-
-    /// Publishes a prepared message (a reply, with headers) as this process, if the policy allows.
-    pub fn reply(&self, msg: Message) -> Result<usize> {
         let subject = msg.subject.as_str();
         self.inner.kernel.authorize(
             &self.principal(),
             Action::Publish,
             &Resource::Subject(subject.to_owned()),
             self.granted_publish(subject),
+        )?;
+        Ok(self.inner.kernel.inner.bus.publish(msg)?)
+    }
+
+    /// Answers a request that was delivered to this process: `msg.subject` must be that request's reply
+    /// subject, which the runtime kept. Agents never see reply subjects, so they cannot answer for others.
+    pub fn reply(&self, msg: Message) -> Result<usize> {
+        let subject = msg.subject.as_str();
+        self.inner.kernel.authorize(
+            &self.principal(),
+            Action::Reply,
+            &Resource::Subject(subject.to_owned()),
+            false,
         )?;
         Ok(self.inner.kernel.inner.bus.publish(msg)?)
     }

@@ -52,6 +52,8 @@ pub enum Action {
     Publish,
     Subscribe,
     Request,
+    /// Answering a request that was delivered to the principal (publishing to its reply subject).
+    Reply,
 }
 
 impl Action {
@@ -65,6 +67,7 @@ impl Action {
             Action::Publish => "publish",
             Action::Subscribe => "subscribe",
             Action::Request => "request",
+            Action::Reply => "reply",
         }
     }
 }

@@ -93,8 +93,17 @@ fn agents_use_their_own_subjects_inboxes_and_grants() {
     );
     p.authorize(&echo, Action::Request, &subj("agent.other.inbox"), false)
         .unwrap();
-    p.authorize(&echo, Action::Publish, &subj("_INBOX.abc.1"), false)
+    p.authorize(&echo, Action::Reply, &subj("_INBOX.abc.1"), false)
         .unwrap();
+    assert!(
+        p.authorize(&echo, Action::Publish, &subj("_INBOX.abc.1"), false)
+            .is_err(),
+        "replies only through the kernel"
+    );
+    assert!(
+        p.authorize(&echo, Action::Reply, &subj("agent.other.inbox"), false)
+            .is_err()
+    );
     p.authorize(&echo, Action::Subscribe, &subj("jobs.>"), true)
         .unwrap();
 }

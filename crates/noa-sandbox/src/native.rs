@@ -23,6 +23,9 @@ use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+/// Lines queued for a child's stdin before it counts as not reading.
+const OUT_QUEUE: usize = 1024;
+
 /// Settings of the native runtime.
 #[derive(Clone, Debug)]
 pub struct NativeOptions {
@@ -68,12 +71,12 @@ fn is_executable(p: &Path) -> bool {
 
 /// Finds the program a spec names.
 pub fn resolve(command: &str, cwd: Option<&str>, search_path: &str) -> Result<PathBuf> {
-    if let Some(cwd) = cwd {
-        if !Path::new(cwd).is_dir() {
-            return Err(Error::BadCwd {
-                cwd: cwd.to_owned(),
-            });
-        }
+    if let Some(cwd) = cwd
+        && !Path::new(cwd).is_dir()
+    {
+        return Err(Error::BadCwd {
+            cwd: cwd.to_owned(),
+        });
     }
     if command.contains('/') {
         let p = match cwd {
@@ -177,8 +180,30 @@ fn str_param<'a>(
 }
 
 impl Session {
-    async fn send(&self, line: String) {
-        let _ = self.out.send(line).await;
+    /// Queues a line for the child's stdin without waiting: a child that does not read its stdin must not
+    /// stall the session (it could then not be stopped). A full queue drops the line and counts a violation.
+    async fn send(&mut self, line: String) {
+        if let Err(mpsc::error::TrySendError::Full(_)) = self.out.try_send(line) {
+            self.violation(&format!(
+                "not reading its stdin ({OUT_QUEUE} lines waiting); a line was dropped"
+            ));
+        }
+    }
+
+    /// Handles one line read from the child's stdout.
+    async fn handle_line(&mut self, line: Line, max_line: usize) {
+        match line {
+            // Blank lines carry nothing; they are not worth a violation.
+            Line::Full(l) if l.iter().all(u8::is_ascii_whitespace) => {}
+            Line::Full(l) => self.handle(&l).await,
+            Line::TooLong { len, .. } => {
+                let what =
+                    format!("a line of {len} bytes is longer than the limit of {max_line} bytes");
+                self.send(protocol::error(&Value::Null, code::INVALID_REQUEST, &what))
+                    .await;
+                self.violation(&what);
+            }
+        }
     }
 
     async fn request(&mut self, method: &str, params: Value, pending: Pending) {
@@ -477,7 +502,7 @@ async fn run(opts: Arc<NativeOptions>, mut ctx: ProcessContext) -> ExitReason {
     };
 
     // stdin: lines from the session, flushed whenever the queue is empty.
-    let (out_tx, mut out_rx) = mpsc::channel::<String>(256);
+    let (out_tx, mut out_rx) = mpsc::channel::<String>(OUT_QUEUE);
     let writer = tokio::spawn(async move {
         let mut w = BufWriter::new(stdin);
         while let Some(line) = out_rx.recv().await {
@@ -493,7 +518,7 @@ async fn run(opts: Arc<NativeOptions>, mut ctx: ProcessContext) -> ExitReason {
     let log_sys = ctx.sys.clone();
     let stderr_task = tokio::spawn(async move {
         let mut r = BufReader::new(stderr);
-        while let Ok(Some(line)) = next_line(&mut r, noa_kernel::MAX_LOG_LINE).await {
+        while let Ok(Some(line)) = next_line(&mut r, noa_kernel::MAX_LOG_LINE - 64).await {
             match line {
                 Line::Full(l) => log_sys.log("stderr", &lossy(&l)),
                 Line::TooLong { head, len } => {
@@ -533,13 +558,14 @@ async fn run(opts: Arc<NativeOptions>, mut ctx: ProcessContext) -> ExitReason {
     let mut kill_at = far;
     let mut stop: StopRequest = StopRequest::Run;
     let mut stdout_open = true;
+    let mut failure_killed = false;
     let status = loop {
-        if let Some(reason) = &session.failure {
-            if kill_at == far {
-                session.sys.log("error", reason);
-                os::kill_group(pgid, libc::SIGKILL);
-                kill_at = Instant::now();
-            }
+        if let Some(reason) = &session.failure
+            && !failure_killed
+        {
+            session.sys.log("error", reason);
+            os::kill_group(pgid, libc::SIGKILL);
+            failure_killed = true;
         }
         let accepting = session.initialized
             && stop == StopRequest::Run
@@ -547,7 +573,8 @@ async fn run(opts: Arc<NativeOptions>, mut ctx: ProcessContext) -> ExitReason {
             && session.messages_in_flight() < opts.max_inflight;
         tokio::select! {
             status = child.wait() => break status,
-            changed = ctx.stop.changed(), if stop == StopRequest::Run => {
+            // A kill may still come while a graceful stop is under way.
+            changed = ctx.stop.changed(), if stop != StopRequest::Kill => {
                 let req = if changed.is_ok() { *ctx.stop.borrow_and_update() } else { StopRequest::Kill };
                 match req {
                     StopRequest::Run => {}
@@ -555,22 +582,18 @@ async fn run(opts: Arc<NativeOptions>, mut ctx: ProcessContext) -> ExitReason {
                         stop = req;
                         os::kill_group(pgid, libc::SIGKILL);
                     }
-                    StopRequest::Stop { grace } => {
+                    StopRequest::Stop { grace } if stop == StopRequest::Run => {
                         stop = req;
                         session.request("shutdown", json!({}), Pending::Shutdown).await;
                         term_at = Instant::now() + grace / 2;
                         kill_at = Instant::now() + grace;
                     }
+                    StopRequest::Stop { .. } => {}
                 }
             }
             line = lines.recv(), if stdout_open => match line {
                 None => stdout_open = false,
-                Some(Line::Full(l)) => session.handle(&l).await,
-                Some(Line::TooLong { len, .. }) => {
-                    let what = format!("a line of {len} bytes is longer than the limit of {max_line} bytes");
-                    session.send(protocol::error(&Value::Null, code::INVALID_REQUEST, &what)).await;
-                    session.violation(&what);
-                }
+                Some(line) => session.handle_line(line, max_line).await,
             },
             d = ctx.mailbox.recv(), if accepting => if let Some(d) = d { session.deliver(d).await },
             _ = tokio::time::sleep_until(init_deadline), if !session.initialized && session.failure.is_none() && stop == StopRequest::Run => {
@@ -581,13 +604,22 @@ async fn run(opts: Arc<NativeOptions>, mut ctx: ProcessContext) -> ExitReason {
                 os::kill_group(pgid, libc::SIGTERM);
                 term_at = far;
             }
-            _ = tokio::time::sleep_until(kill_at), if kill_at != far && session.failure.is_none() => {
+            _ = tokio::time::sleep_until(kill_at), if kill_at != far => {
                 session.sys.log("warn", "did not exit within its stop grace period; sending SIGKILL");
                 os::kill_group(pgid, libc::SIGKILL);
                 kill_at = far;
             }
         }
     };
+    // What the child wrote before it ended still counts (a last publish, a last answer): read stdout to its end.
+    // The process group is killed first so that no grandchild can hold the pipe open.
+    os::kill_group(pgid, libc::SIGKILL);
+    if stdout_open {
+        let drain_until = Instant::now() + Duration::from_millis(500);
+        while let Ok(Some(line)) = tokio::time::timeout_at(drain_until, lines.recv()).await {
+            session.handle_line(line, max_line).await;
+        }
+    }
     // Whatever the child left in its process group goes with it.
     os::kill_group(pgid, libc::SIGKILL);
     // Requests it never answered get an error reply now rather than a timeout later.

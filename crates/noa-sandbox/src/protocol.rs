@@ -71,10 +71,10 @@ pub fn parse(line: &[u8]) -> Result<Incoming, Invalid> {
     if obj.get("jsonrpc") != Some(&Value::String("2.0".into())) {
         return Err(invalid(&id, "\"jsonrpc\" must be \"2.0\"".into()));
     }
-    if let Some(id) = &id {
-        if !(id.is_string() || id.is_number()) {
-            return Err(invalid(&None, "\"id\" must be a string or a number".into()));
-        }
+    if let Some(id) = &id
+        && !(id.is_string() || id.is_number())
+    {
+        return Err(invalid(&None, "\"id\" must be a string or a number".into()));
     }
     match obj.remove("method") {
         Some(Value::String(method)) => {

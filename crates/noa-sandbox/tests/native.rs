@@ -485,3 +485,77 @@ async fn stderr_is_the_log_and_is_bounded_per_line() {
         ["line 1", "line 2"]
     );
 }
+
+#[tokio::test]
+async fn what_an_agent_writes_just_before_it_exits_still_counts() {
+    let f = fixture();
+    let mut s = spec("last", &probe(), &[]);
+    s.restart = RestartPolicy::Temporary;
+    f.kernel.spawn(&admin(), s).await.unwrap();
+    f.running("last").await;
+    let mut sub = f.kernel.subscribe(&admin(), "agent.last.words", 8).unwrap();
+    let _ = f.kernel.publish(
+        &admin(),
+        "agent.last.inbox",
+        Bytes::from(json!({"cmd": "publish_and_exit", "subject": "agent.last.words"}).to_string()),
+        None,
+    );
+    let m = tokio::time::timeout(Duration::from_secs(10), sub.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(m.payload, "\"last words\"");
+}
+
+#[tokio::test]
+async fn an_agent_that_does_not_read_its_stdin_cannot_stall_the_kernel() {
+    let f = fixture();
+    let mut s = spec("deaf", &probe(), &[]);
+    s.restart = RestartPolicy::Temporary;
+    f.kernel.spawn(&admin(), s).await.unwrap();
+    f.running("deaf").await;
+    let _ = f.kernel.publish(
+        &admin(),
+        "agent.deaf.inbox",
+        Bytes::from(json!({"cmd": "flood_calls", "n": 20000}).to_string()),
+        None,
+    );
+    let i = f
+        .wait("deaf failed", |i| i.state == ProcessState::Failed, "deaf")
+        .await;
+    assert!(i.exit.unwrap().contains("not reading its stdin"));
+}
+
+#[tokio::test]
+async fn a_kill_cuts_a_graceful_stop_short() {
+    let f = fixture();
+    let mut s = spec("slow", &probe(), &["hang"]);
+    s.limits.stop_grace_ms = Some(30_000);
+    f.kernel.spawn(&admin(), s).await.unwrap();
+    f.running("slow").await;
+    let kernel = f.kernel.clone();
+    let t = Instant::now();
+    let stopping = tokio::spawn(async move { kernel.stop(&admin(), "slow").await });
+    f.wait("stopping", |i| i.state == ProcessState::Stopping, "slow")
+        .await;
+    f.kernel.kill(&admin(), "slow").await.unwrap();
+    let info = tokio::time::timeout(Duration::from_secs(5), stopping)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(t.elapsed() < Duration::from_secs(5));
+    assert!(info.state.is_terminal());
+}
+
+#[tokio::test]
+async fn agents_cannot_publish_into_reply_inboxes() {
+    let f = fixture();
+    f.kernel
+        .spawn(&admin(), spec("p", &probe(), &[]))
+        .await
+        .unwrap();
+    f.running("p").await;
+    let r = f.ask("p", json!({"cmd": "call", "method": "publish", "params": {"subject": "_INBOX.123.4", "data": "forged"}})).await.unwrap();
+    assert_eq!(r["error"]["code"], -32001, "{r}");
+}

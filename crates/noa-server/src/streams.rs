@@ -154,7 +154,7 @@ pub async fn logs(
                     }
                     let ev = SseEvent::default()
                         .event("log")
-                        .data(String::from_utf8_lossy(&msg.payload).into_owned());
+                        .data(String::from_utf8_lossy(&msg.payload));
                     return Some((Ok::<_, Infallible>(ev), (sub, shutdown)));
                 }
             }

@@ -60,7 +60,7 @@ pub enum Command {
     #[command(
         after_help = "Examples:\n  noa spawn --name echo --restart permanent -- python3 examples/agents/echo.py\n  noa spawn --name team --supervisor --strategy one-for-all --max-restarts 3 --within 10s\n  noa spawn --name worker --parent team --memory 256M --cpu 60 -- ./worker\n  noa spawn --name e --builtin echo"
     )]
-    Spawn(SpawnArgs),
+    Spawn(Box<SpawnArgs>),
     /// List processes as a tree.
     #[command(after_help = "Example:\n  noa ps\n  noa ps --json")]
     Ps,

@@ -219,7 +219,7 @@ fn ms(flag: &str, v: &Option<String>) -> CliResult<Option<u64>> {
         .transpose()
 }
 
-fn spawn(client: &Client, a: SpawnArgs, json_out: bool) -> CliResult<()> {
+fn spawn(client: &Client, a: Box<SpawnArgs>, json_out: bool) -> CliResult<()> {
     let mut env = BTreeMap::new();
     for kv in &a.env {
         let (k, v) = kv
@@ -482,7 +482,11 @@ fn message_body(m: &MessageArgs, timeout_ms: Option<u64>) -> CliResult<Value> {
 /// A message's payload for people: JSON as JSON, text as text.
 fn payload_text(v: &Value) -> String {
     if let Some(d) = v.get("data") {
-        return d.to_string();
+        // A JSON string is shown as the text it holds.
+        return d
+            .as_str()
+            .map(str::to_owned)
+            .unwrap_or_else(|| d.to_string());
     }
     if let Some(t) = v.get("text").and_then(Value::as_str) {
         return t.to_owned();

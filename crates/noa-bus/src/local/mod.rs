@@ -129,13 +129,13 @@ impl Transport for LocalTransport {
     }
 
     fn subscribe(&self, pattern: Pattern, queue: Option<&str>, sink: Sink) -> Result<SubId> {
-        if let Some(q) = queue {
-            if q.is_empty() || q.chars().any(|c| c.is_whitespace() || c.is_control()) {
-                return Err(Error::InvalidSubject {
-                    subject: pattern.as_str().to_owned(),
-                    reason: format!("queue group name {q:?} must be non-empty without whitespace"),
-                });
-            }
+        if let Some(q) = queue
+            && (q.is_empty() || q.chars().any(|c| c.is_whitespace() || c.is_control()))
+        {
+            return Err(Error::InvalidSubject {
+                subject: pattern.as_str().to_owned(),
+                reason: format!("queue group name {q:?} must be non-empty without whitespace"),
+            });
         }
         let sid = self.next_sid.fetch_add(1, Ordering::Relaxed);
         self.trie

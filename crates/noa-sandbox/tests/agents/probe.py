@@ -69,6 +69,15 @@ def handle(m):
         elif cmd == "grandchild":
             child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1000)"])
             result = child.pid
+        elif cmd == "publish_and_exit":
+            # The last words of an agent: written, then gone without waiting for the answer.
+            send({"jsonrpc": "2.0", "id": 1, "method": "publish", "params": {"subject": d["subject"], "data": "last words"}})
+            os._exit(0)
+        elif cmd == "flood_calls":
+            # Calls the kernel without ever reading its answers (stdin is never read again).
+            for i in range(d["n"]):
+                send({"jsonrpc": "2.0", "id": 10_000 + i, "method": "log", "params": {"message": "x"}})
+            time.sleep(60)
         elif cmd == "exit":
             sys.exit(d.get("code", 0))
         elif cmd == "stderr":

@@ -1,0 +1,161 @@
+//! Checks the architecture's invariants (ARCHITECTURE.md) on the sources: which crate may depend on which,
+//! and where `unsafe` may appear.
+
+use std::path::Path;
+
+fn manifest(krate: &str) -> String {
+    std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("..")
+            .join(krate)
+            .join("Cargo.toml"),
+    )
+    .unwrap()
+}
+
+/// The `[dependencies]` section's crate names (not dev-dependencies).
+fn deps(krate: &str) -> Vec<String> {
+    let m = manifest(krate);
+    let section = m
+        .split("[dependencies]")
+        .nth(1)
+        .unwrap_or("")
+        .split("\n[")
+        .next()
+        .unwrap_or("");
+    section
+        .lines()
+        .filter_map(|l| l.split_once('=').map(|(k, _)| k.trim().to_owned()))
+        .filter(|k| !k.is_empty())
+        .collect()
+}
+
+#[test]
+fn layers_only_point_down() {
+    // types → store/bus/policy → kernel → sandbox → server → node → binary.
+    let allowed: &[(&str, &[&str])] = &[
+        ("noa-types", &[]),
+        ("noa-bus", &[]),
+        ("noa-store", &["noa-types"]),
+        ("noa-policy", &[]),
+        (
+            "noa-kernel",
+            &["noa-types", "noa-bus", "noa-store", "noa-policy"],
+        ),
+        ("noa-sandbox", &["noa-types", "noa-bus", "noa-kernel"]),
+        (
+            "noa-server",
+            &[
+                "noa-types",
+                "noa-bus",
+                "noa-kernel",
+                "noa-store",
+                "noa-policy",
+            ],
+        ),
+        (
+            "noa-node",
+            &[
+                "noa-types",
+                "noa-bus",
+                "noa-store",
+                "noa-policy",
+                "noa-kernel",
+                "noa-sandbox",
+                "noa-server",
+            ],
+        ),
+        ("noa", &["noa-types", "noa-node"]),
+    ];
+    for (krate, ok) in allowed {
+        for d in deps(krate).iter().filter(|d| d.starts_with("noa")) {
+            assert!(ok.contains(&d.as_str()), "{krate} must not depend on {d}");
+        }
+    }
+}
+
+#[test]
+fn only_the_server_knows_wire_formats() {
+    for krate in [
+        "noa-types",
+        "noa-bus",
+        "noa-store",
+        "noa-policy",
+        "noa-kernel",
+        "noa-sandbox",
+    ] {
+        for web in ["axum", "hyper", "tower", "tokio-tungstenite", "ureq"] {
+            assert!(
+                !deps(krate).iter().any(|d| d == web),
+                "{krate} must not depend on {web}: only noa-server knows HTTP"
+            );
+        }
+    }
+}
+
+#[test]
+fn unsafe_code_lives_only_in_the_sandbox_os_module() {
+    let crates = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut offenders = Vec::new();
+    let mut stack = vec![crates];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let p = entry.unwrap().path();
+            if p.is_dir() {
+                if !p.ends_with("target") {
+                    stack.push(p);
+                }
+            } else if p.extension().is_some_and(|e| e == "rs")
+                && !p.ends_with("noa-sandbox/src/os.rs")
+                && !p.ends_with("tests/layers.rs")
+            {
+                let text = std::fs::read_to_string(&p).unwrap();
+                if text.contains("unsafe {")
+                    || text.contains("unsafe fn")
+                    || text.contains("allow(unsafe_code)")
+                {
+                    offenders.push(p.display().to_string());
+                }
+            }
+        }
+    }
+    assert!(
+        offenders.is_empty(),
+        "unsafe outside noa-sandbox/src/os.rs: {offenders:?}"
+    );
+    let os = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../noa-sandbox/src/os.rs"),
+    )
+    .unwrap();
+    assert_eq!(
+        os.matches("unsafe {").count(),
+        os.matches("// SAFETY:").count(),
+        "every unsafe block has a SAFETY comment"
+    );
+}
+
+#[test]
+fn every_module_says_what_it_is_for() {
+    let crates = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut stack = vec![crates];
+    let mut missing = Vec::new();
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let p = entry.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|e| e == "rs")
+                && p.components().any(|c| c.as_os_str() == "src")
+            {
+                let text = std::fs::read_to_string(&p).unwrap();
+                if !text.trim_start().starts_with("//!") {
+                    missing.push(p.display().to_string());
+                }
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "modules without a //! line: {missing:?}"
+    );
+}

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Installs what building and testing NOA ARK OS needs, idempotently. Run: scripts/setup.sh
+# As root it installs missing Debian packages itself; otherwise it says what to install.
+set -euo pipefail
+
+need_pkgs=()
+have() { command -v "$1" >/dev/null 2>&1; }
+
+# The Rust toolchain (cargo, rustc, rustfmt, clippy) comes from rustup; it cannot be installed from here.
+if ! have cargo; then
+  echo "setup: cargo is missing. Install Rust (1.95 or newer) with rustup: https://rustup.rs" >&2
+  exit 1
+fi
+# A C compiler builds the bundled SQLite.
+have cc || need_pkgs+=(gcc libc6-dev)
+# python3 runs the example agents and the sandbox tests; procps gives `kill`/`pgrep` to the tests.
+have python3 || need_pkgs+=(python3)
+have kill || need_pkgs+=(procps)
+have make || need_pkgs+=(make)
+have curl || need_pkgs+=(curl)
+
+if ((${#need_pkgs[@]})); then
+  if [ "$(id -u)" = 0 ] && have apt-get; then
+    echo "setup: installing ${need_pkgs[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
+  else
+    echo "setup: missing packages: ${need_pkgs[*]}" >&2
+    echo "setup: install them as root, e.g.: sudo apt-get install -y ${need_pkgs[*]}" >&2
+    exit 1
+  fi
+fi
+for component in rustfmt clippy; do
+  if ! cargo "${component/rustfmt/fmt}" --version >/dev/null 2>&1; then
+    if have rustup; then rustup component add "$component"; else echo "setup: cargo $component is missing" >&2; exit 1; fi
+  fi
+done
+echo "setup: ok ($(cargo --version), $(python3 --version))"
