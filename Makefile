@@ -16,7 +16,7 @@ run: build
 
 ## Formatting, lints, and every test (unit, property, integration against the real daemon).
 test: setup lint
-	$(CARGO) test --workspace --all-targets --locked
+	$(CARGO) test --workspace --lib --bins --tests --examples --locked
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -36,6 +36,8 @@ pub enum Error {
     Protected { name: String, action: String },
     #[error("NOA-E0507 the kernel is shutting down")]
     ShuttingDown,
+    #[error("NOA-E0509 {name:?} {what}; nothing was started")]
+    Interrupted { name: String, what: String },
     #[error("NOA-E0508 subscription {sid} does not belong to this process")]
     NotYourSubscription { sid: u64 },
 }

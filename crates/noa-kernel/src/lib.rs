@@ -322,15 +322,32 @@ impl Kernel {
             if self.inner.shutting_down.load(Ordering::SeqCst) {
                 return Err(Error::ShuttingDown);
             }
+            let mut replaced = Vec::new();
             if let Some(old) = t.by_name(&spec.name) {
-                if !old.state.is_terminal() || old.pending_restart || old.pid == Pid::ROOT {
+                // The old entry may go only when it and everything below it has ended for good.
+                let busy = t
+                    .subtree(old.pid)
+                    .into_iter()
+                    .filter_map(|p| t.procs.get(&p))
+                    .find(|p| !p.state.is_terminal() || p.pending_restart || p.pid == Pid::ROOT);
+                if let Some(busy) = busy {
                     return Err(Error::AlreadyExists {
-                        name: spec.name.clone(),
-                        pid: old.pid.0,
-                        state: old.state.to_string(),
+                        name: busy.spec.name.clone(),
+                        pid: busy.pid.0,
+                        state: if busy.pending_restart && busy.state.is_terminal() {
+                            "about to (re)start".into()
+                        } else {
+                            busy.state.to_string()
+                        },
                     });
                 }
                 let old = old.pid;
+                replaced = t
+                    .subtree(old)
+                    .into_iter()
+                    .skip(1)
+                    .filter_map(|p| t.procs.get(&p).map(|p| p.spec.name.clone()))
+                    .collect();
                 t.remove_subtree(old);
             }
             let parent = match &spec.parent {
@@ -355,22 +372,67 @@ impl Kernel {
             };
             let pid = Pid(t.next_pid);
             t.next_pid += 1;
-            t.procs
-                .insert(pid, Proc::new(pid, Arc::new(spec.clone()), parent));
+            let mut proc = Proc::new(pid, Arc::new(spec.clone()), parent);
+            // Reserved until it starts: other calls see it as about to start and leave it alone.
+            proc.pending_restart = true;
+            t.procs.insert(pid, proc);
             t.names.insert(spec.name.clone(), pid);
             if let Some(p) = t.procs.get_mut(&parent) {
                 p.children.push(pid);
             }
-            pid
+            (pid, replaced)
         };
+        let (pid, replaced) = pid;
+        // The children of a replaced supervisor are gone with it, from the registry too.
+        for name in &replaced {
+            self.inner.store.remove_spec(name).await?;
+        }
         if let Err(e) = self.inner.store.put_spec(&spec).await {
-            self.inner.table.lock().remove_subtree(pid);
+            let mut t = self.inner.table.lock();
+            if t.names.get(&spec.name) == Some(&pid) {
+                t.remove_subtree(pid);
+            }
             return Err(e.into());
         }
-        self.inner.metrics.spawns.fetch_add(1, Ordering::Relaxed);
-        let mut t = self.inner.table.lock();
-        self.start_locked(&mut t, pid);
-        Ok(t.info(&t.procs[&pid]))
+        let interrupted = {
+            let mut t = self.inner.table.lock();
+            let parent_ok = |t: &Table, p: Pid| {
+                t.procs
+                    .get(&p)
+                    .is_some_and(|pp| !pp.state.is_terminal() && pp.intent.is_none())
+            };
+            match t.procs.get(&pid) {
+                Some(p)
+                    if p.pending_restart
+                        && p.intent.is_none()
+                        && !self.inner.shutting_down.load(Ordering::SeqCst)
+                        && parent_ok(&t, p.parent) =>
+                {
+                    self.inner.metrics.spawns.fetch_add(1, Ordering::Relaxed);
+                    self.start_locked(&mut t, pid);
+                    return self.info_locked(&t, pid);
+                }
+                Some(_) => {
+                    t.remove_subtree(pid);
+                    "was stopped, or its supervisor or the kernel was, while it was being spawned"
+                }
+                None => "was replaced while it was being spawned",
+            }
+        };
+        let _ = self.inner.store.remove_spec(&spec.name).await;
+        Err(Error::Interrupted {
+            name: spec.name.clone(),
+            what: interrupted.into(),
+        })
+    }
+
+    fn info_locked(&self, t: &Table, pid: Pid) -> Result<ProcessInfo> {
+        t.procs
+            .get(&pid)
+            .map(|p| t.info(p))
+            .ok_or_else(|| Error::NotFound {
+                name: pid.to_string(),
+            })
     }
 
     /// Stops a process (and, for a supervisor, its children first, in reverse start order) and forgets its spec.
@@ -425,7 +487,9 @@ impl Kernel {
         }
         let (tx, mut exited, inc) = {
             let t = self.inner.table.lock();
-            let p = &t.procs[&pid];
+            let p = t.procs.get(&pid).ok_or_else(|| Error::NotFound {
+                name: name.to_owned(),
+            })?;
             (p.stop_tx.clone(), p.exited.subscribe(), p.incarnation)
         };
         if let Some(tx) = tx {
@@ -456,11 +520,29 @@ impl Kernel {
         if self.inner.shutting_down.load(Ordering::SeqCst) {
             return Err(Error::ShuttingDown);
         }
-        let parent = t.procs[&pid].parent;
-        if t.procs.get(&parent).is_some_and(|p| p.state.is_terminal()) {
+        let p = t.procs.get(&pid).ok_or_else(|| Error::NotFound {
+            name: name.to_owned(),
+        })?;
+        if !p.state.is_terminal() || p.pending_restart {
+            // Another restart (or its supervisor) got there first: it is running again.
+            return self.info_locked(&t, pid);
+        }
+        if p.intent != Some(Intent::Restart) {
+            return Err(Error::Interrupted {
+                name: name.to_owned(),
+                what: "was stopped (by `noa stop`, its supervisor or shutdown); spawn it again"
+                    .into(),
+            });
+        }
+        let parent = p.parent;
+        if let Some(pp) = t
+            .procs
+            .get(&parent)
+            .filter(|pp| pp.state.is_terminal() || pp.intent.is_some())
+        {
             return Err(Error::SupervisorNotRunning {
-                name: t.procs[&parent].spec.name.clone(),
-                state: t.procs[&parent].state.to_string(),
+                name: pp.spec.name.clone(),
+                state: pp.state.to_string(),
             });
         }
         if let Some(p) = t.procs.get_mut(&pid) {
@@ -469,7 +551,7 @@ impl Kernel {
         }
         self.inner.metrics.restarts.fetch_add(1, Ordering::Relaxed);
         self.start_locked(&mut t, pid);
-        Ok(t.info(&t.procs[&pid]))
+        self.info_locked(&t, pid)
     }
 
     fn info(&self, pid: Pid) -> Result<ProcessInfo> {

@@ -161,6 +161,13 @@ impl Kernel {
                     kernel.stop_tree(c, Intent::Group, false).await;
                 }
                 let mut t = kernel.inner.table.lock();
+                // Someone else may have taken over meanwhile (`noa stop`, `noa restart`, shutdown).
+                if t.procs.get(&pid).is_none_or(|p| {
+                    p.incarnation != incarnation || p.intent.is_some() || p.pending_restart
+                }) || kernel.inner.shutting_down.load(Ordering::SeqCst)
+                {
+                    return;
+                }
                 if restart {
                     kernel.plan_restart(&mut t, parent, pid);
                 } else if let Some(p) = t.procs.get_mut(&pid) {
@@ -191,20 +198,23 @@ impl Kernel {
         let siblings = sup_proc.children.clone();
         let now = Instant::now();
         // The root supervisor counts intensity per child: one crashing process must not bring down the others.
-        let holder = if sup == Pid::ROOT { child } else { sup };
-        let Some(h) = t.procs.get_mut(&holder) else {
+        let history = if sup == Pid::ROOT {
+            t.procs.get_mut(&child).map(|c| &mut c.own_history)
+        } else {
+            t.procs.get_mut(&sup).map(|s| &mut s.child_history)
+        };
+        let Some(history) = history else {
             return;
         };
         let within = std::time::Duration::from_millis(policy.within_ms);
-        while h
-            .history
+        while history
             .front()
             .is_some_and(|at| now.duration_since(*at) >= within)
         {
-            h.history.pop_front();
+            history.pop_front();
         }
-        h.history.push_back(now);
-        let n = h.history.len() as u32;
+        history.push_back(now);
+        let n = history.len() as u32;
         let child_name = t
             .procs
             .get(&child)
@@ -276,20 +286,19 @@ impl Kernel {
             }
             tokio::time::sleep(delay).await;
             let mut t = kernel.inner.table.lock();
-            if kernel.inner.shutting_down.load(Ordering::SeqCst) {
-                return;
-            }
-            if t.procs
-                .get(&sup)
-                .is_none_or(|p| p.state.is_terminal() || p.intent.is_some())
-            {
-                return;
-            }
+            let abandoned = kernel.inner.shutting_down.load(Ordering::SeqCst)
+                || t.procs
+                    .get(&sup)
+                    .is_none_or(|p| p.state.is_terminal() || p.intent.is_some());
             for s in targets {
                 let Some(p) = t.procs.get_mut(&s) else {
                     continue;
                 };
-                if !p.pending_restart || !p.wanted || !p.state.is_terminal() {
+                if abandoned || !p.pending_restart || !p.wanted || !p.state.is_terminal() {
+                    // Not restarted after all: it must not stay reserved.
+                    if p.state.is_terminal() {
+                        p.pending_restart = false;
+                    }
                     continue;
                 }
                 p.restarts += 1;
@@ -309,6 +318,7 @@ impl Kernel {
             return;
         };
         p.intent = Some(Intent::Escalation);
+        let incarnation = p.incarnation;
         let name = p.spec.name.clone();
         self.emit(
             sup,
@@ -320,7 +330,12 @@ impl Kernel {
         tokio::spawn(async move {
             kernel.stop_tree(sup, Intent::Escalation, false).await;
             let mut t = kernel.inner.table.lock();
-            let Some(p) = t.procs.get_mut(&sup) else {
+            // Someone else may have taken over meanwhile (`noa stop`, `noa restart`, shutdown).
+            let Some(p) = t
+                .procs
+                .get_mut(&sup)
+                .filter(|p| p.incarnation == incarnation && p.intent == Some(Intent::Escalation))
+            else {
                 return;
             };
             p.state = ProcessState::Failed;
@@ -328,7 +343,7 @@ impl Kernel {
                 message: reason.clone(),
             });
             p.intent = None;
-            p.history.clear();
+            p.child_history.clear();
             let restart = p.spec.restart != RestartPolicy::Temporary;
             let parent = p.parent;
             kernel.emit(sup, &name, "failed", serde_json::json!({ "reason": { "type": "error", "message": reason }, "message": reason }));

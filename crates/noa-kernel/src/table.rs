@@ -42,8 +42,10 @@ pub(crate) struct Proc {
     pub intent: Option<Intent>,
     /// Whether its supervisor should (re)start it.
     pub wanted: bool,
-    /// Restart times inside the intensity window: of this supervisor's children, or for children of root, of this process.
-    pub history: VecDeque<Instant>,
+    /// As a supervisor: restart times of its children inside its intensity window.
+    pub child_history: VecDeque<Instant>,
+    /// As a child of root (which counts intensity per child): this process's own restart times.
+    pub own_history: VecDeque<Instant>,
     pub pending_restart: bool,
 }
 
@@ -65,7 +67,8 @@ impl Proc {
             exited: watch::channel(0).0,
             intent: None,
             wanted: true,
-            history: VecDeque::new(),
+            child_history: VecDeque::new(),
+            own_history: VecDeque::new(),
             pending_restart: false,
         }
     }

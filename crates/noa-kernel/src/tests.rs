@@ -507,3 +507,104 @@ async fn permanent_processes_come_back_after_a_restart_of_the_kernel() {
     assert_eq!(t.state, ProcessState::Exited);
     assert!(t.exit.unwrap().contains("restart = transient"));
 }
+
+#[tokio::test]
+async fn root_gives_up_on_a_supervisor_that_keeps_escalating() {
+    let f = fixture();
+    f.kernel
+        .spawn(
+            &admin(),
+            ProcessSpec::supervisor("sup", fast_sup(Strategy::OneForOne, 1)),
+        )
+        .await
+        .unwrap();
+    f.kernel
+        .spawn(&admin(), child("w", Some("sup"), RestartPolicy::Permanent))
+        .await
+        .unwrap();
+    // The worker crashes whenever it runs; `sup` escalates every second crash; root (3 in 10 s) must give up on `sup`.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let sup = f.info("sup");
+        if sup
+            .exit
+            .as_deref()
+            .is_some_and(|e| e.contains("not restarted"))
+        {
+            assert_eq!(sup.state, ProcessState::Failed);
+            assert_eq!(sup.restarts, 3);
+            break;
+        }
+        assert!(Instant::now() < deadline, "root never gave up: {sup:?}");
+        if f.info("w").state == ProcessState::Running {
+            f.send("w", "crash");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn concurrent_restarts_start_one_incarnation_and_restart_after_stop_is_refused() {
+    let f = fixture();
+    f.kernel
+        .spawn(&admin(), child("r", None, RestartPolicy::Permanent))
+        .await
+        .unwrap();
+    f.running("r", 0).await;
+    let me = admin();
+    let (a, b) = tokio::join!(f.kernel.restart(&me, "r"), f.kernel.restart(&me, "r"));
+    a.unwrap();
+    b.unwrap();
+    f.running("r", 1).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(f.info("r").restarts, 1);
+    f.kernel.stop(&admin(), "r").await.unwrap();
+    let e = f
+        .kernel
+        .restart(&admin(), "r")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("was stopped"), "{e}");
+    assert_eq!(f.info("r").state, ProcessState::Exited);
+}
+
+#[tokio::test]
+async fn a_supervisor_with_live_children_cannot_be_replaced() {
+    let f = fixture();
+    let mut sup = ProcessSpec::supervisor("sup", fast_sup(Strategy::OneForOne, 5));
+    sup.restart = RestartPolicy::Temporary;
+    f.kernel.spawn(&admin(), sup.clone()).await.unwrap();
+    f.kernel
+        .spawn(&admin(), child("c", Some("sup"), RestartPolicy::Permanent))
+        .await
+        .unwrap();
+    f.running("c", 0).await;
+    f.kernel.kill(&admin(), "sup").await.unwrap();
+    // Until its children are stopped, the failed supervisor keeps its place.
+    let mut replaced = false;
+    for _ in 0..2000 {
+        match f.kernel.spawn(&admin(), sup.clone()).await {
+            Err(e) => assert!(e.to_string().contains("already"), "{e}"),
+            Ok(_) => {
+                replaced = true;
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(replaced);
+    f.running("sup", 0).await;
+    assert!(
+        f.kernel.get(&admin(), "c").is_err(),
+        "the old children went with the old supervisor"
+    );
+    assert!(
+        f.kernel
+            .store()
+            .specs()
+            .unwrap()
+            .iter()
+            .all(|s| s.spec.name != "c")
+    );
+}

@@ -221,10 +221,16 @@ impl Node {
         let _ = shutdown_tx.send(true);
         kernel.shutdown().await;
         let _ = stop_server_tx.send(());
-        match server.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(Error::Serve(e)),
-            Err(e) => tracing::error!(error = %e, "The server task ended abnormally."),
+        // Open requests get a few seconds to finish; a client that stopped reading must not hold shutdown up.
+        let abort = server.abort_handle();
+        match tokio::time::timeout(std::time::Duration::from_secs(5), server).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => return Err(Error::Serve(e)),
+            Ok(Err(e)) => tracing::error!(error = %e, "The server task ended abnormally."),
+            Err(_) => {
+                tracing::warn!("Connections still open after 5 s; closing them.");
+                abort.abort();
+            }
         }
         let _ = std::fs::remove_file(addr_path(&data_dir));
         tracing::info!("Stopped.");

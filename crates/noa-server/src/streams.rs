@@ -89,7 +89,9 @@ async fn pump_ws(
         tokio::select! {
             msg = next_or_shutdown(&mut sub, &mut shutdown) => {
                 let Some(msg) = msg else { break };
-                if socket.send(WsMessage::Text(delivery_json(&msg).to_string().into())).await.is_err() {
+                // A client that stops reading is dropped rather than allowed to pin this task.
+                let send = socket.send(WsMessage::Text(delivery_json(&msg).to_string().into()));
+                if !matches!(tokio::time::timeout(Duration::from_secs(10), send).await, Ok(Ok(()))) {
                     return;
                 }
             }
