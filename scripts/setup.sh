@@ -17,7 +17,6 @@ have cc || need_pkgs+=(gcc libc6-dev)
 have python3 || need_pkgs+=(python3)
 have kill || need_pkgs+=(procps)
 have make || need_pkgs+=(make)
-have curl || need_pkgs+=(curl)
 
 if ((${#need_pkgs[@]})); then
   if [ "$(id -u)" = 0 ] && have apt-get; then

@@ -97,6 +97,8 @@ pub struct Policy {
     set: PolicySet,
     authorizer: Authorizer,
     source: String,
+    /// Entity type names, parsed once: parsing them per decision would cost more than the decision.
+    types: Types,
 }
 
 impl fmt::Debug for Policy {
@@ -104,6 +106,55 @@ impl fmt::Debug for Policy {
         f.debug_struct("Policy")
             .field("source", &self.source)
             .finish()
+    }
+}
+
+struct Types {
+    user: EntityTypeName,
+    agent: EntityTypeName,
+    node: EntityUid,
+    process: EntityTypeName,
+    subject: EntityTypeName,
+    system: EntityUid,
+    actions: Vec<(Action, EntityUid)>,
+}
+
+impl Types {
+    fn new() -> Types {
+        let ty = |t: &str| {
+            EntityTypeName::from_str(t).unwrap_or_else(|e| panic!("built-in entity type {t}: {e}"))
+        };
+        let all = [
+            Action::Spawn,
+            Action::Stop,
+            Action::Kill,
+            Action::Restart,
+            Action::Read,
+            Action::Publish,
+            Action::Subscribe,
+            Action::Request,
+            Action::Reply,
+        ];
+        Types {
+            user: ty("Noa::User"),
+            agent: ty("Noa::Agent"),
+            node: uid("Noa::Node", "local"),
+            process: ty("Noa::Process"),
+            subject: ty("Noa::Subject"),
+            system: uid("Noa::System", "noa"),
+            actions: all
+                .iter()
+                .map(|a| (*a, uid("Noa::Action", a.as_str())))
+                .collect(),
+        }
+    }
+
+    fn action(&self, a: Action) -> EntityUid {
+        self.actions
+            .iter()
+            .find(|(x, _)| *x == a)
+            .map(|(_, u)| u.clone())
+            .unwrap_or_else(|| uid("Noa::Action", a.as_str()))
     }
 }
 
@@ -146,6 +197,7 @@ impl Policy {
         Ok(Policy {
             set,
             authorizer: Authorizer::new(),
+            types: Types::new(),
             source: file.to_owned(),
         })
     }
@@ -177,15 +229,25 @@ impl Policy {
         granted: bool,
     ) -> Result<()> {
         let p = match principal {
-            Principal::User(n) => uid("Noa::User", n),
-            Principal::Agent(n) => uid("Noa::Agent", n),
-            Principal::Node => uid("Noa::Node", "local"),
+            Principal::User(n) => {
+                EntityUid::from_type_name_and_id(self.types.user.clone(), EntityId::new(n))
+            }
+            Principal::Agent(n) => {
+                EntityUid::from_type_name_and_id(self.types.agent.clone(), EntityId::new(n))
+            }
+            Principal::Node => self.types.node.clone(),
         };
-        let a = uid("Noa::Action", action.as_str());
+        let a = self.types.action(action);
         let (r, subject) = match resource {
-            Resource::Process(n) => (uid("Noa::Process", n), None),
-            Resource::Subject(s) => (uid("Noa::Subject", s), Some(s.as_str())),
-            Resource::System => (uid("Noa::System", "noa"), None),
+            Resource::Process(n) => (
+                EntityUid::from_type_name_and_id(self.types.process.clone(), EntityId::new(n)),
+                None,
+            ),
+            Resource::Subject(s) => (
+                EntityUid::from_type_name_and_id(self.types.subject.clone(), EntityId::new(s)),
+                Some(s.as_str()),
+            ),
+            Resource::System => (self.types.system.clone(), None),
         };
         let own_subject = match (principal, subject) {
             (Principal::Agent(name), Some(s)) => s

@@ -40,6 +40,7 @@ impl From<noa_kernel::Error> for ApiError {
             K::Bus(noa_bus::Error::Timeout { .. }) => StatusCode::GATEWAY_TIMEOUT,
             K::Bus(noa_bus::Error::Closed) | K::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             K::NotFound { .. } => StatusCode::NOT_FOUND,
+            K::Interrupted { .. } => StatusCode::CONFLICT,
             K::AlreadyExists { .. } => StatusCode::CONFLICT,
             K::NotASupervisor { .. } | K::SupervisorNotRunning { .. } | K::Protected { .. } => {
                 StatusCode::CONFLICT
