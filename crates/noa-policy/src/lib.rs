@@ -99,6 +99,8 @@ pub struct Policy {
     source: String,
     /// Entity type names, parsed once: parsing them per decision would cost more than the decision.
     types: Types,
+    /// Remembered decisions (at most `DECISION_CACHE`, then forgotten all at once).
+    cache: std::sync::Mutex<std::collections::HashMap<DecisionKey, Result<()>>>,
 }
 
 impl fmt::Debug for Policy {
@@ -117,7 +119,24 @@ struct Types {
     subject: EntityTypeName,
     system: EntityUid,
     actions: Vec<(Action, EntityUid)>,
+    /// Every combination of the five context facts, built once (bit i of the index is fact i of `FACTS`).
+    contexts: Vec<Context>,
 }
+
+/// What a decision depends on, for a fixed policy set.
+type DecisionKey = (Principal, Action, Resource, bool);
+
+/// Most decisions remembered.
+const DECISION_CACHE: usize = 16_384;
+
+/// The context facts, in the order of the bits of a context index.
+const FACTS: [&str; 5] = [
+    "own_subject",
+    "agent_inbox",
+    "reply_inbox",
+    "system",
+    "granted",
+];
 
 impl Types {
     fn new() -> Types {
@@ -145,6 +164,17 @@ impl Types {
             actions: all
                 .iter()
                 .map(|a| (*a, uid("Noa::Action", a.as_str())))
+                .collect(),
+            contexts: (0..1usize << FACTS.len())
+                .map(|index| {
+                    let pairs = FACTS.iter().enumerate().map(|(i, name)| {
+                        (
+                            name.to_string(),
+                            RestrictedExpression::new_bool(index & (1 << i) != 0),
+                        )
+                    });
+                    Context::from_pairs(pairs).unwrap_or_else(|e| panic!("built-in context: {e}"))
+                })
                 .collect(),
         }
     }
@@ -198,6 +228,7 @@ impl Policy {
             set,
             authorizer: Authorizer::new(),
             types: Types::new(),
+            cache: Default::default(),
             source: file.to_owned(),
         })
     }
@@ -222,6 +253,33 @@ impl Policy {
 
     /// Decides. `granted` says whether the principal's own grants cover the resource (the kernel checks those).
     pub fn authorize(
+        &self,
+        principal: &Principal,
+        action: Action,
+        resource: &Resource,
+        granted: bool,
+    ) -> Result<()> {
+        // Decisions are pure functions of these four for a fixed policy set, so they can be remembered.
+        let key = (principal.clone(), action, resource.clone(), granted);
+        if let Some(hit) = self
+            .cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+        {
+            return hit.clone();
+        }
+        let decision = self.decide(principal, action, resource, granted);
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.len() >= DECISION_CACHE {
+            cache.clear();
+        }
+        cache.insert(key, decision.clone());
+        decision
+    }
+
+    /// Asks Cedar, without the decision cache.
+    pub fn decide(
         &self,
         principal: &Principal,
         action: Action,
@@ -261,29 +319,18 @@ impl Policy {
             let t: Vec<&str> = subject.split('.').collect();
             t.len() == 3 && t[0] == "agent" && t[2] == "inbox" && t[1] != "*" && t[1] != ">"
         };
-        let context = Context::from_pairs([
-            (
-                "own_subject".to_string(),
-                RestrictedExpression::new_bool(own_subject),
-            ),
-            (
-                "agent_inbox".to_string(),
-                RestrictedExpression::new_bool(agent_inbox),
-            ),
-            (
-                "reply_inbox".to_string(),
-                RestrictedExpression::new_bool(subject.starts_with("_INBOX.")),
-            ),
-            (
-                "system".to_string(),
-                RestrictedExpression::new_bool(subject.starts_with("sys.")),
-            ),
-            (
-                "granted".to_string(),
-                RestrictedExpression::new_bool(granted),
-            ),
-        ])
-        .map_err(|e| Error::Request(e.to_string()))?;
+        let facts = [
+            own_subject,
+            agent_inbox,
+            subject.starts_with("_INBOX."),
+            subject.starts_with("sys."),
+            granted,
+        ];
+        let index = facts
+            .iter()
+            .enumerate()
+            .fold(0usize, |acc, (i, f)| acc | (usize::from(*f) << i));
+        let context = self.types.contexts[index].clone();
         let request =
             Request::new(p, a, r, context, None).map_err(|e| Error::Request(e.to_string()))?;
         let response =

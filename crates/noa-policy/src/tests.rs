@@ -149,3 +149,39 @@ fn policy_files_override_and_errors_name_line_and_column() {
     let err = Policy::load(dir.path()).unwrap_err().to_string();
     assert!(err.contains("policy.cedar at line 2"), "{err}");
 }
+
+#[test]
+fn cached_decisions_equal_fresh_ones() {
+    let p = Policy::default_policy();
+    let cases = [
+        (
+            agent("echo"),
+            Action::Publish,
+            subj("agent.echo.out"),
+            false,
+        ),
+        (
+            agent("echo"),
+            Action::Spawn,
+            Resource::Process("x".into()),
+            false,
+        ),
+        (agent("echo"), Action::Subscribe, subj("jobs.>"), true),
+        (agent("echo"), Action::Subscribe, subj("jobs.>"), false),
+        (
+            Principal::User("admin".into()),
+            Action::Kill,
+            Resource::Process("x".into()),
+            false,
+        ),
+    ];
+    for _ in 0..3 {
+        for (pr, a, r, g) in &cases {
+            assert_eq!(
+                p.authorize(pr, *a, r, *g),
+                p.decide(pr, *a, r, *g),
+                "{pr} {a:?} {r}"
+            );
+        }
+    }
+}
