@@ -285,6 +285,24 @@ impl Kernel {
             .set_os_pid(&p.spec.name, Some((os_pid, start)));
     }
 
+    /// Authorizes `action` on the process `name` and finds it; the root supervisor is not a target.
+    fn target(&self, principal: &Principal, action: Action, name: &str, verb: &str) -> Result<Pid> {
+        self.authorize(
+            principal,
+            action,
+            &Resource::Process(name.to_owned()),
+            false,
+        )?;
+        let pid = self.find(name)?;
+        if pid == Pid::ROOT {
+            return Err(Error::Protected {
+                name: name.into(),
+                action: verb.into(),
+            });
+        }
+        Ok(pid)
+    }
+
     fn find(&self, name: &str) -> Result<Pid> {
         self.inner
             .table
@@ -437,19 +455,7 @@ impl Kernel {
 
     /// Stops a process (and, for a supervisor, its children first, in reverse start order) and forgets its spec.
     pub async fn stop(&self, principal: &Principal, name: &str) -> Result<ProcessInfo> {
-        self.authorize(
-            principal,
-            Action::Stop,
-            &Resource::Process(name.to_owned()),
-            false,
-        )?;
-        let pid = self.find(name)?;
-        if pid == Pid::ROOT {
-            return Err(Error::Protected {
-                name: name.into(),
-                action: "stopped".into(),
-            });
-        }
+        let pid = self.target(principal, Action::Stop, name, "stopped")?;
         self.stop_tree(pid, Intent::User, false).await;
         let names: Vec<String> = {
             let mut t = self.inner.table.lock();
@@ -472,19 +478,7 @@ impl Kernel {
 
     /// Kills a process at once (SIGKILL for native ones). Its supervisor treats this as a crash.
     pub async fn kill(&self, principal: &Principal, name: &str) -> Result<ProcessInfo> {
-        self.authorize(
-            principal,
-            Action::Kill,
-            &Resource::Process(name.to_owned()),
-            false,
-        )?;
-        let pid = self.find(name)?;
-        if pid == Pid::ROOT {
-            return Err(Error::Protected {
-                name: name.into(),
-                action: "killed".into(),
-            });
-        }
+        let pid = self.target(principal, Action::Kill, name, "killed")?;
         let (tx, mut exited, inc) = {
             let t = self.inner.table.lock();
             let p = t.procs.get(&pid).ok_or_else(|| Error::NotFound {
@@ -502,19 +496,7 @@ impl Kernel {
 
     /// Stops a process and starts it again at once.
     pub async fn restart(&self, principal: &Principal, name: &str) -> Result<ProcessInfo> {
-        self.authorize(
-            principal,
-            Action::Restart,
-            &Resource::Process(name.to_owned()),
-            false,
-        )?;
-        let pid = self.find(name)?;
-        if pid == Pid::ROOT {
-            return Err(Error::Protected {
-                name: name.into(),
-                action: "restarted".into(),
-            });
-        }
+        let pid = self.target(principal, Action::Restart, name, "restarted")?;
         self.stop_tree(pid, Intent::Restart, false).await;
         let mut t = self.inner.table.lock();
         if self.inner.shutting_down.load(Ordering::SeqCst) {
