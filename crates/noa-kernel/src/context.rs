@@ -2,7 +2,7 @@
 
 use crate::{Error, Kernel, Result};
 use bytes::Bytes;
-use noa_bus::{Delivery, Headers, Message, Sink, SubId, Subject};
+use noa_bus::{Delivery, Headers, Message, Sink, SubId};
 use noa_policy::{Action, Principal, Resource};
 use noa_types::{Pid, ProcessSpec, ProcessState};
 use parking_lot::Mutex;
@@ -160,17 +160,14 @@ impl Syscalls {
         payload: Bytes,
         headers: Option<Headers>,
     ) -> Result<usize> {
-        let subject = Subject::new(subject)?;
-        let mut msg = Message::new(subject, payload);
-        if let Some(h) = headers {
-            msg = msg.with_headers(h)?;
-        }
-        let subject = msg.subject.as_str();
-        self.inner.kernel.authorize(
+        let granted = self.granted_publish(subject);
+        let msg = self.inner.kernel.outgoing(
             &self.principal(),
             Action::Publish,
-            &Resource::Subject(subject.to_owned()),
-            self.granted_publish(subject),
+            subject,
+            payload,
+            headers,
+            granted,
         )?;
         Ok(self.inner.kernel.inner.bus.publish(msg)?)
     }
@@ -196,17 +193,15 @@ impl Syscalls {
         headers: Option<Headers>,
         timeout: Duration,
     ) -> Result<Message> {
-        let subject = Subject::new(subject)?;
-        self.inner.kernel.authorize(
+        let granted = self.granted_publish(subject);
+        let msg = self.inner.kernel.outgoing(
             &self.principal(),
             Action::Request,
-            &Resource::Subject(subject.to_string()),
-            self.granted_publish(subject.as_str()),
+            subject,
+            payload,
+            headers,
+            granted,
         )?;
-        let mut msg = Message::new(subject, payload);
-        if let Some(h) = headers {
-            msg = msg.with_headers(h)?;
-        }
         Ok(self.inner.kernel.inner.bus.request(msg, timeout).await?)
     }
 

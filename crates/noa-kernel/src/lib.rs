@@ -615,18 +615,33 @@ impl Kernel {
         payload: Bytes,
         headers: Option<Headers>,
     ) -> Result<usize> {
+        let msg = self.outgoing(principal, Action::Publish, subject, payload, headers, false)?;
+        Ok(self.inner.bus.publish(msg)?)
+    }
+
+    /// Validates a message that `principal` wants to send, asks the policy, and builds it.
+    /// `granted` says whether the principal's own grants cover the subject.
+    pub(crate) fn outgoing(
+        &self,
+        principal: &Principal,
+        action: Action,
+        subject: &str,
+        payload: Bytes,
+        headers: Option<Headers>,
+        granted: bool,
+    ) -> Result<Message> {
         let subject = Subject::new(subject)?;
         self.authorize(
             principal,
-            Action::Publish,
+            action,
             &Resource::Subject(subject.to_string()),
-            false,
+            granted,
         )?;
-        let mut msg = Message::new(subject, payload);
-        if let Some(h) = headers {
-            msg = msg.with_headers(h)?;
-        }
-        Ok(self.inner.bus.publish(msg)?)
+        let msg = Message::new(subject, payload);
+        Ok(match headers {
+            Some(h) => msg.with_headers(h)?,
+            None => msg,
+        })
     }
 
     /// Sends a request for an API caller and waits for the reply.
@@ -638,17 +653,7 @@ impl Kernel {
         headers: Option<Headers>,
         timeout: Duration,
     ) -> Result<Message> {
-        let subject = Subject::new(subject)?;
-        self.authorize(
-            principal,
-            Action::Request,
-            &Resource::Subject(subject.to_string()),
-            false,
-        )?;
-        let mut msg = Message::new(subject, payload);
-        if let Some(h) = headers {
-            msg = msg.with_headers(h)?;
-        }
+        let msg = self.outgoing(principal, Action::Request, subject, payload, headers, false)?;
         Ok(self.inner.bus.request(msg, timeout).await?)
     }
 
