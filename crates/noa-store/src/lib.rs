@@ -4,20 +4,82 @@
 //! (group commit) and acknowledges each write only after that transaction is durable. Reads use their
 //! own connection, which WAL lets run beside the writer. The schema is versioned by [`migrations`].
 //!
-//! Tables now: the lifecycle `journal` and the `processes` registry of spawned specs.
+//! What it holds: the lifecycle `journal`, the `processes` registry of spawned specs, the [`vfs`] (encrypted
+//! blobs with history, host mounts), secrets, and the hash-chained [`audit`] log; [`backup`] snapshots it all.
+//! Files around the database in its folder: `blobs/` (encrypted file contents), `store.key` (the key that wraps
+//! the data key, see [`crypto`]) and `node.key` (the node's ed25519 key that signs audit checkpoints).
 
+pub mod audit;
+pub mod backup;
+pub mod crypto;
 mod error;
+mod keyring;
 mod migrations;
+pub mod vfs;
 mod writer;
 
+pub use audit::{AuditEntry, AuditQuery, AuditRecord, AuditReport};
+pub use crypto::KeySource;
 pub use error::{Error, Result};
+pub use vfs::{DirEntry, FileInfo, FileReader, FsOp, Mount, Namespace, Quotas, StagedBlob, VPath};
 
+use crypto::DataKey;
 use noa_types::{Event, Pid, ProcessSpec};
+use rusqlite::types::Value;
 use rusqlite::{Connection, OpenFlags, params};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use tokio::sync::oneshot;
 use writer::Command;
+
+/// How to open a store.
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    /// What unlocks the data key (default: the key file `store.key` beside the database).
+    pub key: KeySource,
+    /// The node's signing key file (default: `node.key` beside the database); created on first open.
+    pub node_key: PathBuf,
+    /// A signed checkpoint every this many audit records (default 1000).
+    pub checkpoint_every: u64,
+    pub quotas: Quotas,
+}
+
+impl StoreOptions {
+    /// The defaults for a database in `dir`.
+    pub fn for_dir(dir: &Path) -> StoreOptions {
+        StoreOptions {
+            key: KeySource::File(dir.join("store.key")),
+            node_key: dir.join("node.key"),
+            checkpoint_every: 1000,
+            quotas: Quotas::default(),
+        }
+    }
+}
+
+/// A secret's name and when it was last set; the value is never part of a listing.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct SecretInfo {
+    pub name: String,
+    pub updated_ms: u64,
+}
+
+/// Checks a secret name: 1 to 128 of `A-Z a-z 0-9 _ . -`.
+pub fn validate_secret_name(name: &str) -> Result<()> {
+    let err = |m: &str| Error::SecretName {
+        name: name.chars().take(140).collect(),
+        message: m.into(),
+    };
+    if name.is_empty() || name.len() > 128 {
+        return Err(err("must be 1 to 128 characters"));
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+    {
+        return Err(err("may hold only letters, digits, '_', '.' and '-'"));
+    }
+    Ok(())
+}
 
 /// A stored process spec with its registry order and the OS process it last ran as.
 #[derive(Clone, Debug, PartialEq)]
@@ -50,8 +112,14 @@ pub struct Store {
 
 struct Inner {
     path: PathBuf,
+    dir: PathBuf,
     writer: std::sync::mpsc::Sender<Command>,
     reader: Mutex<Connection>,
+    key: Arc<DataKey>,
+    kek_id: Mutex<String>,
+    key_source: Mutex<KeySource>,
+    node_key: ed25519_dalek::VerifyingKey,
+    quotas: Quotas,
 }
 
 impl std::fmt::Debug for Store {
@@ -81,23 +149,491 @@ fn open_conn(path: &Path) -> Result<Connection> {
 }
 
 impl Store {
-    /// Opens (creating if needed) the database at `path` and brings its schema up to date.
+    /// Opens (creating if needed) the database at `path` with the default keys beside it.
     pub fn open(path: &Path) -> Result<Store> {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        Store::open_with(path, StoreOptions::for_dir(dir))
+    }
+
+    /// Opens (creating if needed) the database at `path`, unlocks its data key and brings its schema up to date.
+    pub fn open_with(path: &Path, opts: StoreOptions) -> Result<Store> {
         let mut conn = open_conn(path)?;
         migrations::migrate(&mut conn, path)?;
+        let (key, kek_id) = keyring::unlock(&conn, &opts.key)?;
+        let signer = audit::load_or_create_node_key(&opts.node_key)?;
+        let node_key = signer.verifying_key();
+        let chain = audit::Chain::load(&conn, signer, opts.checkpoint_every)?;
         let reader = open_conn(path)?;
-        let writer = writer::start(conn)?;
+        let writer = writer::start(
+            conn,
+            writer::WriterState {
+                chain,
+                quotas: opts.quotas,
+            },
+        )?;
+        let dir = path.parent().unwrap_or(Path::new(".")).to_owned();
+        // Blobs staged by a writer that crashed before finishing are garbage.
+        let _ = std::fs::remove_dir_all(dir.join("blobs").join("tmp"));
         Ok(Store {
-            inner: std::sync::Arc::new(Inner {
+            inner: Arc::new(Inner {
                 path: path.to_owned(),
+                dir,
                 writer,
                 reader: Mutex::new(reader),
+                key: Arc::new(key),
+                kek_id: Mutex::new(kek_id),
+                key_source: Mutex::new(opts.key),
+                node_key,
+                quotas: opts.quotas,
             }),
         })
     }
 
     pub fn path(&self) -> &Path {
         &self.inner.path
+    }
+
+    /// The folder of the database (the data directory).
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    fn blobs_dir(&self) -> PathBuf {
+        self.inner.dir.join("blobs")
+    }
+
+    fn reader(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.inner.reader.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The id of the key that currently wraps the data key.
+    pub fn kek_id(&self) -> String {
+        self.inner
+            .kek_id
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The node's public key (hex), which signs audit checkpoints.
+    pub fn node_public_key(&self) -> String {
+        crypto::hex(self.inner.node_key.as_bytes())
+    }
+
+    pub fn quotas(&self) -> Quotas {
+        self.inner.quotas
+    }
+
+    async fn exec(
+        &self,
+        statements: Vec<(&'static str, Vec<Value>)>,
+        must_change: Option<Error>,
+        audit: Option<AuditRecord>,
+    ) -> Result<usize> {
+        self.send_acked(|ack| Command::Exec {
+            statements,
+            must_change,
+            audit,
+            ack,
+        })
+        .await
+    }
+
+    // ----- audit -----
+
+    /// Appends an audit record without waiting (it commits in order with every other write).
+    pub fn audit(&self, record: AuditRecord) {
+        if self.send(Command::Audit { record, ack: None }).is_err() {
+            tracing::error!("The store writer has stopped; an audit record was lost.");
+        }
+    }
+
+    /// Appends an audit record and waits until it is durable; returns its sequence number.
+    pub async fn audit_durable(&self, record: AuditRecord) -> Result<u64> {
+        self.send_acked(|tx| Command::Audit {
+            record,
+            ack: Some(tx),
+        })
+        .await
+    }
+
+    pub fn audit_query(&self, q: &AuditQuery) -> Result<Vec<AuditEntry>> {
+        audit::query(&self.reader(), q)
+    }
+
+    /// Recomputes the audit chain on its own connection (the shared reader stays free).
+    pub fn audit_verify(&self) -> Result<AuditReport> {
+        let conn = open_conn(&self.inner.path)?;
+        let trusted: Vec<_> = std::fs::read_to_string(self.inner.dir.join(audit::TRUSTED_KEYS))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(audit::parse_public_key)
+            .collect();
+        audit::verify(&conn, &self.inner.node_key, &trusted)
+    }
+
+    // ----- files -----
+
+    /// Starts writing a blob; finish it and reference it in [`Store::fs_commit`].
+    pub fn blob_writer(&self) -> Result<vfs::BlobWriter<'_>> {
+        vfs::BlobWriter::new(&self.inner.key, &self.blobs_dir())
+    }
+
+    /// Applies all `ops` in one transaction (all or nothing), each audited with its outcome.
+    pub async fn fs_commit(&self, principal: &str, ops: Vec<FsOp>) -> Result<Vec<FileInfo>> {
+        for op in &ops {
+            VPath::parse(op.path())?.stored_file()?;
+        }
+        let principal = principal.to_owned();
+        self.send_acked(|ack| Command::Fs {
+            ops,
+            principal,
+            ack,
+        })
+        .await
+    }
+
+    /// Writes a whole file from memory.
+    pub async fn fs_write(&self, principal: &str, path: &VPath, data: &[u8]) -> Result<FileInfo> {
+        let file = path.stored_file()?.to_owned();
+        let mut w = self.blob_writer()?;
+        w.write(data)?;
+        let blob = w.finish()?;
+        let mut infos = self
+            .fs_commit(principal, vec![FsOp::Put { path: file, blob }])
+            .await?;
+        Ok(infos.remove(0))
+    }
+
+    /// Opens a stored file (its current version, or `version`).
+    pub fn fs_open(&self, path: &VPath, version: Option<u64>) -> Result<FileReader> {
+        let file = path.stored_file()?;
+        let (info, loc) = vfs::locate(&self.reader(), &self.blobs_dir(), file, version)?;
+        Ok(FileReader::new(self.inner.key.clone(), info, loc))
+    }
+
+    pub fn fs_history(&self, path: &VPath) -> Result<Vec<FileInfo>> {
+        vfs::history(&self.reader(), path.stored_file()?)
+    }
+
+    /// Lists a folder: namespaces at the top, stored entries, mounts, or a host folder.
+    pub fn fs_list(&self, path: &VPath) -> Result<Vec<DirEntry>> {
+        let folder = |name: &str| DirEntry {
+            name: name.to_owned(),
+            dir: true,
+            size: 0,
+            version: None,
+            mtime_ms: None,
+        };
+        match path.namespace() {
+            Namespace::Root if path.as_str() == "/" => Ok(["agents", "host", "runs", "shared"]
+                .iter()
+                .map(|n| folder(n))
+                .collect()),
+            Namespace::Root if path.as_str() == "/host" => {
+                Ok(self.mounts()?.iter().map(|m| folder(&m.name)).collect())
+            }
+            Namespace::Root | Namespace::Stored(_) => {
+                vfs::list_stored(&self.reader(), path.as_str())
+            }
+            Namespace::Host { mount, rest } => vfs::list_host(&self.mount_named(mount)?, rest),
+        }
+    }
+
+    /// Bytes used and the limit, per namespace that holds files.
+    pub fn fs_usage(&self) -> Result<Vec<(String, u64, u64)>> {
+        let conn = self.reader();
+        let mut stmt = conn.prepare_cached("SELECT ns, bytes FROM fs_usage ORDER BY ns")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (ns, bytes) = row?;
+            let limit = if ns == "/shared" {
+                self.inner.quotas.shared
+            } else if ns.starts_with("/agents/") {
+                self.inner.quotas.agent
+            } else {
+                self.inner.quotas.run
+            };
+            out.push((ns, bytes as u64, limit));
+        }
+        Ok(out)
+    }
+
+    // ----- host mounts -----
+
+    pub fn mounts(&self) -> Result<Vec<Mount>> {
+        let conn = self.reader();
+        let mut stmt =
+            conn.prepare_cached("SELECT name, host_path, read_only FROM fs_mounts ORDER BY name")?;
+        let rows = stmt.query_map([], |r| {
+            Ok(Mount {
+                name: r.get(0)?,
+                host_path: r.get(1)?,
+                read_only: r.get(2)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    pub fn mount_named(&self, name: &str) -> Result<Mount> {
+        self.mounts()?
+            .into_iter()
+            .find(|m| m.name == name)
+            .ok_or_else(|| Error::NoMount {
+                name: name.to_owned(),
+            })
+    }
+
+    /// Mounts the host folder `host_path` (made absolute and canonical) at `/host/<name>`.
+    pub async fn mount(
+        &self,
+        principal: &str,
+        name: &str,
+        host_path: &Path,
+        read_only: bool,
+    ) -> Result<Mount> {
+        noa_types::validate_name(name).map_err(|e| Error::Path {
+            path: format!("/host/{name}"),
+            message: e.to_string(),
+        })?;
+        let canonical = std::fs::canonicalize(host_path).map_err(|e| Error::Host {
+            path: host_path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        if !canonical.is_dir() {
+            return Err(Error::Host {
+                path: host_path.display().to_string(),
+                message: "not a folder".into(),
+            });
+        }
+        let m = Mount {
+            name: name.to_owned(),
+            host_path: canonical.display().to_string(),
+            read_only,
+        };
+        self.exec(
+            vec![(
+                "INSERT INTO fs_mounts (name, host_path, read_only, created_ms) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(name) DO UPDATE SET host_path = excluded.host_path, read_only = excluded.read_only",
+                vec![
+                    Value::Text(m.name.clone()),
+                    Value::Text(m.host_path.clone()),
+                    Value::Integer(read_only as i64),
+                    Value::Integer(noa_types::now_ms() as i64),
+                ],
+            )],
+            None,
+            Some(AuditRecord::new(
+                principal,
+                "fs.mount",
+                format!("/host/{name}"),
+                "ok",
+                serde_json::json!({"host_path": m.host_path, "read_only": read_only}),
+            )),
+        )
+        .await?;
+        Ok(m)
+    }
+
+    pub async fn unmount(&self, principal: &str, name: &str) -> Result<()> {
+        self.exec(
+            vec![(
+                "DELETE FROM fs_mounts WHERE name = ?1",
+                vec![Value::Text(name.to_owned())],
+            )],
+            Some(Error::NoMount {
+                name: name.to_owned(),
+            }),
+            Some(AuditRecord::new(
+                principal,
+                "fs.unmount",
+                format!("/host/{name}"),
+                "ok",
+                serde_json::Value::Null,
+            )),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// The host file a `/host/...` path names (no symlinks followed, never outside the mount).
+    pub fn host_path(&self, path: &VPath, for_write: bool) -> Result<PathBuf> {
+        let Namespace::Host { mount, rest } = path.namespace() else {
+            return Err(Error::Path {
+                path: path.to_string(),
+                message: "not a host path".into(),
+            });
+        };
+        let m = self.mount_named(mount)?;
+        if for_write && m.read_only {
+            return Err(Error::ReadOnly {
+                path: path.to_string(),
+            });
+        }
+        if rest.is_empty() {
+            return Err(Error::Path {
+                path: path.to_string(),
+                message: "is the mount itself, not a file".into(),
+            });
+        }
+        vfs::host_resolve(&m, rest, for_write)
+    }
+
+    // ----- secrets -----
+
+    pub async fn secret_set(&self, principal: &str, name: &str, value: &[u8]) -> Result<()> {
+        validate_secret_name(name)?;
+        let sealed = self.inner.key.seal_secret(name, value)?;
+        self.exec(
+            vec![(
+                "INSERT INTO secrets (name, sealed, updated_ms) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(name) DO UPDATE SET sealed = excluded.sealed, updated_ms = excluded.updated_ms",
+                vec![
+                    Value::Text(name.to_owned()),
+                    Value::Blob(sealed),
+                    Value::Integer(noa_types::now_ms() as i64),
+                ],
+            )],
+            None,
+            Some(AuditRecord::new(
+                principal,
+                "secret.write",
+                name,
+                "ok",
+                serde_json::Value::Null,
+            )),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    pub async fn secret_delete(&self, principal: &str, name: &str) -> Result<()> {
+        validate_secret_name(name)?;
+        self.exec(
+            vec![(
+                "DELETE FROM secrets WHERE name = ?1",
+                vec![Value::Text(name.to_owned())],
+            )],
+            Some(Error::NoSecret {
+                name: name.to_owned(),
+            }),
+            Some(AuditRecord::new(
+                principal,
+                "secret.delete",
+                name,
+                "ok",
+                serde_json::Value::Null,
+            )),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    pub fn secrets(&self) -> Result<Vec<SecretInfo>> {
+        let conn = self.reader();
+        let mut stmt = conn.prepare_cached("SELECT name, updated_ms FROM secrets ORDER BY name")?;
+        let rows = stmt.query_map([], |r| {
+            Ok(SecretInfo {
+                name: r.get(0)?,
+                updated_ms: r.get::<_, i64>(1)? as u64,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    /// Decrypts a secret for `principal` (who it is read for, and why, go to the audit log).
+    pub fn secret_read(&self, principal: &str, name: &str, purpose: &str) -> Result<Vec<u8>> {
+        validate_secret_name(name)?;
+        let sealed: Option<Vec<u8>> = {
+            use rusqlite::OptionalExtension;
+            self.reader()
+                .prepare_cached("SELECT sealed FROM secrets WHERE name = ?1")?
+                .query_row(params![name], |r| r.get(0))
+                .optional()?
+        };
+        let result = match sealed {
+            None => Err(Error::NoSecret {
+                name: name.to_owned(),
+            }),
+            Some(sealed) => {
+                self.inner
+                    .key
+                    .open_secret(name, &sealed)
+                    .ok_or_else(|| Error::Corrupt {
+                        what: format!("secret {name}"),
+                        message: "it fails authentication".into(),
+                    })
+            }
+        };
+        self.audit(AuditRecord::new(
+            principal,
+            "secret.read",
+            name,
+            if result.is_ok() { "ok" } else { "failed" },
+            serde_json::json!({"purpose": purpose}),
+        ));
+        result
+    }
+
+    // ----- keys -----
+
+    /// Wraps the data key with a new key-encryption key from `new`; no blob is rewritten.
+    /// Returns the new key id.
+    pub async fn rekey(&self, principal: &str, new: KeySource) -> Result<String> {
+        let (kek, salt) = keyring::new_kek(&new)?;
+        let id = crypto::kek_id(&kek);
+        let wrapped = keyring::wrap(&kek, &self.inner.key)?;
+        self.exec(
+            vec![(
+                "UPDATE keyring SET kek_id = ?1, kek_kind = ?2, salt = ?3, wrapped = ?4, rotated_ms = ?5 WHERE id = 1",
+                vec![
+                    Value::Text(id.clone()),
+                    Value::Text(new.kind().into()),
+                    salt.map(Value::Blob).unwrap_or(Value::Null),
+                    Value::Blob(wrapped),
+                    Value::Integer(noa_types::now_ms() as i64),
+                ],
+            )],
+            None,
+            Some(AuditRecord::new(
+                principal,
+                "store.rekey",
+                "keyring",
+                "ok",
+                serde_json::json!({"kind": new.kind(), "key_id": id}),
+            )),
+        )
+        .await?;
+        keyring::commit_key_file(&new)?;
+        let old = std::mem::replace(
+            &mut *self
+                .inner
+                .key_source
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+            new.clone(),
+        );
+        // A key file that no longer unlocks anything would only confuse whoever finds it.
+        if let (KeySource::File(old_path), KeySource::Passphrase(_)) = (&old, &new) {
+            let _ = std::fs::remove_file(old_path);
+        }
+        *self.inner.kek_id.lock().unwrap_or_else(|e| e.into_inner()) = id.clone();
+        Ok(id)
+    }
+
+    /// A connection of its own on the database, for long reads (backups, verification).
+    pub(crate) fn own_connection(&self) -> Result<Connection> {
+        open_conn(&self.inner.path)
+    }
+
+    /// The key source this store was opened with.
+    pub fn key_source(&self) -> KeySource {
+        self.inner
+            .key_source
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     fn send(&self, cmd: Command) -> Result<()> {
@@ -162,7 +698,7 @@ impl Store {
 
     /// Every registered spec in spawn order.
     pub fn specs(&self) -> Result<Vec<StoredSpec>> {
-        let conn = self.inner.reader.lock().unwrap_or_else(|e| e.into_inner());
+        let conn = self.reader();
         let mut stmt = conn.prepare_cached(
             "SELECT seq, name, spec, os_pid, os_start FROM processes ORDER BY seq",
         )?;

@@ -5,9 +5,10 @@ use rusqlite::Connection;
 use std::path::Path;
 
 /// Every migration, in order. Never edit a released one: add a new one.
-pub(crate) const MIGRATIONS: &[(u32, &str)] = &[(
-    1,
-    "CREATE TABLE journal (
+pub(crate) const MIGRATIONS: &[(u32, &str)] = &[
+    (
+        1,
+        "CREATE TABLE journal (
         seq INTEGER PRIMARY KEY AUTOINCREMENT,
         ts_ms INTEGER NOT NULL,
         pid INTEGER NOT NULL,
@@ -24,7 +25,76 @@ pub(crate) const MIGRATIONS: &[(u32, &str)] = &[(
         os_start INTEGER,
         created_ms INTEGER NOT NULL
     );",
-)];
+    ),
+    (
+        2,
+        "CREATE TABLE keyring (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        kek_id TEXT NOT NULL,
+        kek_kind TEXT NOT NULL,
+        salt BLOB,
+        wrapped BLOB NOT NULL,
+        created_ms INTEGER NOT NULL,
+        rotated_ms INTEGER
+    );
+    CREATE TABLE blobs (
+        id TEXT PRIMARY KEY,
+        size INTEGER NOT NULL,
+        inline BLOB,
+        created_ms INTEGER NOT NULL
+    );
+    CREATE TABLE fs_versions (
+        path TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        blob TEXT REFERENCES blobs(id),
+        size INTEGER NOT NULL,
+        op TEXT NOT NULL,
+        principal TEXT NOT NULL,
+        ts_ms INTEGER NOT NULL,
+        PRIMARY KEY (path, version)
+    );
+    CREATE TABLE fs_files (
+        path TEXT PRIMARY KEY,
+        ns TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        blob TEXT NOT NULL REFERENCES blobs(id),
+        size INTEGER NOT NULL,
+        mtime_ms INTEGER NOT NULL
+    );
+    CREATE TABLE fs_usage (ns TEXT PRIMARY KEY, bytes INTEGER NOT NULL);
+    CREATE TABLE fs_mounts (
+        name TEXT PRIMARY KEY,
+        host_path TEXT NOT NULL,
+        read_only INTEGER NOT NULL,
+        created_ms INTEGER NOT NULL
+    );
+    CREATE TABLE secrets (
+        name TEXT PRIMARY KEY,
+        sealed BLOB NOT NULL,
+        updated_ms INTEGER NOT NULL
+    );
+    CREATE TABLE audit (
+        seq INTEGER PRIMARY KEY,
+        ts_ms INTEGER NOT NULL,
+        principal TEXT NOT NULL,
+        action TEXT NOT NULL,
+        resource TEXT NOT NULL,
+        outcome TEXT NOT NULL,
+        detail TEXT NOT NULL,
+        prev BLOB NOT NULL,
+        hash BLOB NOT NULL
+    );
+    CREATE INDEX audit_action ON audit(action, seq);
+    CREATE TABLE audit_checkpoints (
+        seq INTEGER PRIMARY KEY,
+        hash BLOB NOT NULL,
+        key_id TEXT NOT NULL,
+        signature BLOB NOT NULL,
+        ts_ms INTEGER NOT NULL
+    );
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
+    ),
+];
 
 pub(crate) fn migrate(conn: &mut Connection, path: &Path) -> Result<()> {
     conn.execute_batch(

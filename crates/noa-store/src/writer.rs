@@ -1,8 +1,14 @@
 //! The writer thread: owns the write connection and commits queued writes in batches (group commit).
+//!
+//! Each command runs inside its own savepoint of the batch transaction, so one failing command (a quota,
+//! a missing file) is rolled back alone and the others still commit. Commands that carry an audit record
+//! append it to the chain in the same transaction, with the command's outcome.
 
+use crate::audit::{AuditRecord, Chain};
+use crate::vfs::{FileInfo, FsOp, Quotas};
 use crate::{Error, Result};
 use noa_types::Event;
-use rusqlite::{Connection, Transaction, params};
+use rusqlite::{Connection, params};
 use std::sync::mpsc;
 use tokio::sync::oneshot;
 
@@ -27,6 +33,23 @@ pub(crate) enum Command {
     Flush {
         ack: oneshot::Sender<Result<()>>,
     },
+    Audit {
+        record: AuditRecord,
+        ack: Option<oneshot::Sender<Result<u64>>>,
+    },
+    Fs {
+        ops: Vec<FsOp>,
+        principal: String,
+        ack: oneshot::Sender<Result<Vec<FileInfo>>>,
+    },
+    /// Any other change: `sql` statements with parameters, run in one savepoint, then the audit record.
+    Exec {
+        statements: Vec<(&'static str, Vec<rusqlite::types::Value>)>,
+        /// Whether at least one row must change (else the command fails with `missing`).
+        must_change: Option<Error>,
+        audit: Option<AuditRecord>,
+        ack: oneshot::Sender<Result<usize>>,
+    },
 }
 
 /// What to tell each waiter once the batch has committed.
@@ -34,16 +57,26 @@ enum Reply {
     Seq(oneshot::Sender<Result<u64>>, u64),
     Unit(oneshot::Sender<Result<()>>),
     Bool(oneshot::Sender<Result<bool>>, bool),
+    Files(
+        oneshot::Sender<Result<Vec<FileInfo>>>,
+        Result<Vec<FileInfo>>,
+    ),
+    Count(oneshot::Sender<Result<usize>>, Result<usize>),
 }
 
 /// Most writes committed in one transaction.
 const MAX_BATCH: usize = 1024;
 
-pub(crate) fn start(conn: Connection) -> Result<mpsc::Sender<Command>> {
+pub(crate) struct WriterState {
+    pub chain: Chain,
+    pub quotas: Quotas,
+}
+
+pub(crate) fn start(conn: Connection, state: WriterState) -> Result<mpsc::Sender<Command>> {
     let (tx, rx) = mpsc::channel::<Command>();
     std::thread::Builder::new()
         .name("noa-store-writer".into())
-        .spawn(move || run(conn, rx))
+        .spawn(move || run(conn, rx, state))
         .map_err(|e| Error::Corrupt {
             what: "store writer thread".into(),
             message: e.to_string(),
@@ -51,7 +84,7 @@ pub(crate) fn start(conn: Connection) -> Result<mpsc::Sender<Command>> {
     Ok(tx)
 }
 
-fn run(mut conn: Connection, rx: mpsc::Receiver<Command>) {
+fn run(mut conn: Connection, rx: mpsc::Receiver<Command>, mut state: WriterState) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -61,12 +94,17 @@ fn run(mut conn: Connection, rx: mpsc::Receiver<Command>) {
             }
         }
         let mut replies = Vec::with_capacity(batch.len());
-        let outcome = conn.transaction().map_err(Error::from).and_then(|tx| {
+        // The chain head moves only if the batch commits.
+        let chain_before = state.chain.clone();
+        let outcome = conn.transaction().map_err(Error::from).and_then(|mut tx| {
             for cmd in batch {
-                apply(&tx, cmd, &mut replies)?;
+                apply(&mut tx, cmd, &mut replies, &mut state)?;
             }
             tx.commit().map_err(Error::from)
         });
+        if outcome.is_err() {
+            state.chain = chain_before;
+        }
         match outcome {
             Ok(()) => {
                 for r in replies {
@@ -74,6 +112,8 @@ fn run(mut conn: Connection, rx: mpsc::Receiver<Command>) {
                         Reply::Seq(tx, seq) => drop(tx.send(Ok(seq))),
                         Reply::Unit(tx) => drop(tx.send(Ok(()))),
                         Reply::Bool(tx, b) => drop(tx.send(Ok(b))),
+                        Reply::Files(tx, r) => drop(tx.send(r)),
+                        Reply::Count(tx, r) => drop(tx.send(r)),
                     }
                 }
             }
@@ -89,6 +129,8 @@ fn run(mut conn: Connection, rx: mpsc::Receiver<Command>) {
                         Reply::Seq(tx, _) => drop(tx.send(Err(err()))),
                         Reply::Unit(tx) => drop(tx.send(Err(err()))),
                         Reply::Bool(tx, _) => drop(tx.send(Err(err()))),
+                        Reply::Files(tx, _) => drop(tx.send(Err(err()))),
+                        Reply::Count(tx, _) => drop(tx.send(Err(err()))),
                     }
                 }
             }
@@ -96,8 +138,92 @@ fn run(mut conn: Connection, rx: mpsc::Receiver<Command>) {
     }
 }
 
-fn apply(tx: &Transaction<'_>, cmd: Command, replies: &mut Vec<Reply>) -> Result<()> {
+fn apply(
+    tx: &mut rusqlite::Transaction<'_>,
+    cmd: Command,
+    replies: &mut Vec<Reply>,
+    state: &mut WriterState,
+) -> Result<()> {
     match cmd {
+        Command::Audit { record, ack } => {
+            let seq = state.chain.append(tx, &record)?;
+            if let Some(ack) = ack {
+                replies.push(Reply::Seq(ack, seq));
+            }
+        }
+        Command::Fs {
+            ops,
+            principal,
+            ack,
+        } => {
+            let result = {
+                let sp = tx.savepoint()?;
+                match crate::vfs::apply(&sp, &ops, &principal, &state.quotas) {
+                    Ok(files) => sp.commit().map(|_| files).map_err(Error::from),
+                    Err(e) => Err(e),
+                }
+            };
+            for (i, op) in ops.iter().enumerate() {
+                let (action, detail) = match op {
+                    FsOp::Put { blob, .. } => ("fs.write", serde_json::json!({"size": blob.size})),
+                    FsOp::Delete { .. } => ("fs.delete", serde_json::Value::Null),
+                    FsOp::Rollback { to, .. } => ("fs.rollback", serde_json::json!({"to": to})),
+                };
+                let (outcome, detail) = match &result {
+                    Ok(files) => (
+                        "ok",
+                        serde_json::json!({"version": files.get(i).map(|f| f.version), "op": detail, "ops": ops.len()}),
+                    ),
+                    Err(e) => (
+                        "failed",
+                        serde_json::json!({"error": e.to_string(), "op": detail}),
+                    ),
+                };
+                state.chain.append(
+                    tx,
+                    &AuditRecord::new(principal.clone(), action, op.path(), outcome, detail),
+                )?;
+            }
+            replies.push(Reply::Files(ack, result));
+        }
+        Command::Exec {
+            statements,
+            must_change,
+            audit,
+            ack,
+        } => {
+            let result = {
+                let sp = tx.savepoint()?;
+                let mut changed = 0usize;
+                let mut failed = None;
+                for (sql, values) in &statements {
+                    match sp
+                        .prepare_cached(sql)
+                        .and_then(|mut st| st.execute(rusqlite::params_from_iter(values.iter())))
+                    {
+                        Ok(n) => changed += n,
+                        Err(e) => {
+                            failed = Some(Error::from(e));
+                            break;
+                        }
+                    }
+                }
+                match (failed, must_change) {
+                    (Some(e), _) => Err(e),
+                    (None, Some(missing)) if changed == 0 => Err(missing),
+                    (None, _) => sp.commit().map(|_| changed).map_err(Error::from),
+                }
+            };
+            if let Some(mut record) = audit {
+                if let Err(e) = &result {
+                    record.outcome = "failed".into();
+                    record.detail =
+                        serde_json::json!({"error": e.to_string(), "detail": record.detail});
+                }
+                state.chain.append(tx, &record)?;
+            }
+            replies.push(Reply::Count(ack, result));
+        }
         Command::Append { event, ack } => {
             let detail = event.detail.to_string();
             tx.prepare_cached(
