@@ -36,6 +36,8 @@ pub struct ProcessContext {
     pub stop: watch::Receiver<StopRequest>,
     /// The process's system calls; clone it into tasks that act for the process.
     pub sys: Syscalls,
+    /// Secrets granted by the spec, as environment variables (name, value). Never log these.
+    pub secret_env: Vec<(String, String)>,
 }
 
 /// The policy-checked system calls of one process incarnation. Cheap to clone.
@@ -45,6 +47,8 @@ pub struct Syscalls {
 }
 
 struct SyscallsInner {
+    /// Secret values this process holds: replaced by `[REDACTED]` in its log lines.
+    redact: Vec<String>,
     pid: Pid,
     spec: Arc<ProcessSpec>,
     incarnation: u64,
@@ -71,6 +75,7 @@ impl Syscalls {
         kernel: Kernel,
         sink: Sink,
         subs: Arc<Mutex<Vec<SubId>>>,
+        redact: Vec<String>,
     ) -> Self {
         Syscalls {
             inner: Arc::new(SyscallsInner {
@@ -80,6 +85,7 @@ impl Syscalls {
                 kernel,
                 sink,
                 subs,
+                redact,
                 violations: AtomicU32::new(0),
             }),
         }
@@ -121,6 +127,17 @@ impl Syscalls {
 
     /// Appends a line to the process's log (its file, and `sys.logs.<name>` on the bus).
     pub fn log(&self, level: &str, line: &str) {
+        let redacted;
+        let line = if self.inner.redact.iter().any(|v| line.contains(v.as_str())) {
+            let mut l = line.to_owned();
+            for v in &self.inner.redact {
+                l = l.replace(v.as_str(), "[REDACTED]");
+            }
+            redacted = l;
+            redacted.as_str()
+        } else {
+            line
+        };
         self.inner
             .kernel
             .inner

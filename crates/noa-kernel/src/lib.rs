@@ -221,6 +221,13 @@ impl Kernel {
                     Principal::User(n) => (Pid(0), format!("user:{n}")),
                     Principal::Node => (Pid(0), "node".into()),
                 };
+                self.inner.store.audit(noa_store::AuditRecord::new(
+                    principal.id(),
+                    "policy.deny",
+                    resource.id(),
+                    "denied",
+                    serde_json::json!({ "action": action.as_str(), "reason": e.to_string() }),
+                ));
                 self.emit(
                     pid,
                     &name,
@@ -324,6 +331,32 @@ impl Kernel {
             false,
         )?;
         spec.validate()?;
+        // Whoever spawns a process hands it its secrets, so they must be allowed to read them.
+        if !spec.secrets.is_empty() {
+            let known: std::collections::HashSet<String> = self
+                .inner
+                .store
+                .secrets()?
+                .into_iter()
+                .map(|s| s.name)
+                .collect();
+            for name in spec.secrets.values() {
+                self.authorize(
+                    principal,
+                    Action::ReadSecret,
+                    &Resource::Secret(name.clone()),
+                    false,
+                )?;
+                if !known.contains(name) {
+                    return Err(Error::Launch {
+                        name: spec.name.clone(),
+                        message: format!(
+                            "secret {name:?} does not exist; set it first with `noa secret set {name}`"
+                        ),
+                    });
+                }
+            }
+        }
         let runtime = self
             .inner
             .runtimes
@@ -427,6 +460,17 @@ impl Kernel {
                         && parent_ok(&t, p.parent) =>
                 {
                     self.inner.metrics.spawns.fetch_add(1, Ordering::Relaxed);
+                    self.inner.store.audit(noa_store::AuditRecord::new(
+                        principal.id(),
+                        "process.spawn",
+                        spec.name.clone(),
+                        "ok",
+                        serde_json::json!({
+                            "kind": spec.kind.as_str(),
+                            "command": spec.native.as_ref().map(|n| &n.command),
+                            "secrets": spec.secrets.values().collect::<Vec<_>>(),
+                        }),
+                    ));
                     self.start_locked(&mut t, pid);
                     return self.info_locked(&t, pid);
                 }

@@ -5,6 +5,8 @@ use crate::context::{ProcessContext, Syscalls};
 use crate::table::{Intent, Proc, Table};
 use crate::{Kernel, StopRequest};
 use noa_bus::Sink;
+use noa_policy::{Action, Principal, Resource};
+use noa_store::AuditRecord;
 use noa_types::{ExitReason, Pid, ProcessState, RestartPolicy, Strategy, SupervisorSpec, now_ms};
 use parking_lot::Mutex;
 use std::sync::Arc;
@@ -51,6 +53,9 @@ impl Kernel {
             }
         }
         let subs = Arc::new(Mutex::new(sids));
+        // Secrets are read at each start, so a restarted process gets their current values.
+        let secrets = self.resolve_secrets(&spec);
+        let secret_env = secrets.as_ref().cloned().unwrap_or_default();
         let ctx = ProcessContext {
             pid,
             spec: spec.clone(),
@@ -63,7 +68,13 @@ impl Kernel {
                 self.clone(),
                 sink,
                 subs.clone(),
+                secret_env
+                    .iter()
+                    .map(|(_, v)| v.clone())
+                    .filter(|v| !v.is_empty())
+                    .collect(),
             ),
+            secret_env,
         };
         let children = if spec.is_supervisor() {
             p.children.clone()
@@ -79,10 +90,13 @@ impl Kernel {
         let kernel = self.clone();
         tokio::spawn(async move {
             // Run the incarnation in its own task so that a panic in a runtime ends this process, not the kernel.
-            let reason = match tokio::spawn(runtime.run(ctx)).await {
-                Ok(reason) => reason,
-                Err(e) => ExitReason::Error {
-                    message: format!("the process task panicked: {e}"),
+            let reason = match secrets {
+                Err(message) => ExitReason::Error { message },
+                Ok(_) => match tokio::spawn(runtime.run(ctx)).await {
+                    Ok(reason) => reason,
+                    Err(e) => ExitReason::Error {
+                        message: format!("the process task panicked: {e}"),
+                    },
                 },
             };
             for sid in subs.lock().drain(..) {
@@ -98,6 +112,39 @@ impl Kernel {
                 self.start_locked(t, child);
             }
         }
+    }
+
+    /// The secret environment of a spec: each secret checked against the policy for the agent and decrypted.
+    fn resolve_secrets(&self, spec: &noa_types::ProcessSpec) -> std::result::Result<Vec<(String, String)>, String> {
+        let agent = Principal::Agent(spec.name.clone());
+        let mut out = Vec::with_capacity(spec.secrets.len());
+        for (var, name) in &spec.secrets {
+            // The policy directly, not `Kernel::authorize`: the caller holds the process table's lock.
+            let resource = Resource::Secret(name.clone());
+            if let Err(e) = self
+                .inner
+                .policy
+                .authorize(&agent, Action::ReadSecret, &resource, true)
+            {
+                self.inner.store.audit(AuditRecord::new(
+                    agent.id(),
+                    "policy.deny",
+                    name.clone(),
+                    "denied",
+                    serde_json::json!({"action": "read_secret", "reason": e.to_string()}),
+                ));
+                return Err(e.to_string());
+            }
+            let value = self
+                .inner
+                .store
+                .secret_read(&agent.id(), name, "inject into the process environment")
+                .map_err(|e| format!("secret {name} for {var}: {e}"))?;
+            let value = String::from_utf8(value)
+                .map_err(|_| format!("secret {name} for {var} is not UTF-8 text"))?;
+            out.push((var.clone(), value));
+        }
+        Ok(out)
     }
 
     /// Called when an incarnation ends, however it ended.

@@ -18,6 +18,12 @@ pub enum Error {
     Policy(#[from] noa_policy::Error),
     #[error(transparent)]
     Kernel(#[from] noa_kernel::Error),
+    #[error("NOA-E0704 configuration error at {place}: key `{key}`: {message}")]
+    Config {
+        place: String,
+        key: String,
+        message: String,
+    },
     #[error("NOA-E0703 the server failed: {0}")]
     Serve(std::io::Error),
 }

@@ -5,8 +5,10 @@
 //! `Node::run` serves until the shutdown future resolves, then stops every process in reverse start order
 //! and flushes the store. Nothing below this crate knows it exists.
 
+pub mod config;
 mod error;
 
+pub use config::Config;
 pub use error::{Error, Result};
 
 use noa_bus::Bus;
@@ -31,7 +33,51 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
 #[derive(Clone, Debug)]
 pub struct NodeOptions {
     pub data_dir: PathBuf,
-    pub listen: SocketAddr,
+    /// The effective configuration (see [`config`]).
+    pub config: Config,
+    /// The passphrase that unlocks the store, when `store.key = "passphrase"`.
+    pub passphrase: Option<String>,
+}
+
+impl NodeOptions {
+    /// Defaults for `data_dir`, listening on `listen`.
+    pub fn new(data_dir: PathBuf, listen: SocketAddr) -> NodeOptions {
+        let flags = [(
+            "server.listen".to_owned(),
+            listen.to_string(),
+            "--listen".to_owned(),
+        )];
+        let config = Config::load(&data_dir, &|_| None, &flags).unwrap_or_else(|_| Config::defaults());
+        NodeOptions {
+            data_dir,
+            config,
+            passphrase: None,
+        }
+    }
+}
+
+/// How the store of a data directory is opened under a configuration.
+pub fn store_options(
+    data_dir: &Path,
+    config: &Config,
+    passphrase: Option<String>,
+) -> Result<noa_store::StoreOptions> {
+    let mut o = noa_store::StoreOptions::for_dir(data_dir);
+    if config.uses_passphrase() {
+        let p = passphrase.filter(|p| !p.is_empty()).ok_or_else(|| Error::Config {
+            place: "store.key".into(),
+            key: "store.key".into(),
+            message: "is \"passphrase\" but no passphrase was given: set NOA_PASSPHRASE".into(),
+        })?;
+        o.key = noa_store::KeySource::Passphrase(p);
+    }
+    o.checkpoint_every = config.count("audit.checkpoint_every");
+    o.quotas = noa_store::Quotas {
+        agent: config.bytes("fs.quota_agent"),
+        run: config.bytes("fs.quota_run"),
+        shared: config.bytes("fs.quota_shared"),
+    };
+    Ok(o)
 }
 
 /// The data directory when none is given: `$NOA_DATA_DIR`, else `$XDG_DATA_HOME/noa`, else `~/.local/share/noa`.
@@ -93,6 +139,45 @@ fn ensure_token(data_dir: &Path) -> Result<String> {
     Ok(token)
 }
 
+/// Audits a change of the effective configuration since the last start (and records it for the next).
+async fn record_config(store: &Store, config: &Config) -> Result<()> {
+    let now = config.to_json();
+    let before = store
+        .meta("config")?
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
+    if before.as_ref() == Some(&now) {
+        return Ok(());
+    }
+    let changed: serde_json::Map<String, serde_json::Value> = now
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(k, v)| before.as_ref().and_then(|b| b.get(k.as_str())) != Some(*v))
+        .map(|(k, v)| {
+            let old = before
+                .as_ref()
+                .and_then(|b| b.get(k.as_str()))
+                .cloned()
+                .unwrap_or(serde_json::Value::Null);
+            (k.clone(), serde_json::json!({"from": old, "to": v}))
+        })
+        .collect();
+    store
+        .set_meta(
+            "config",
+            &now.to_string(),
+            Some(noa_store::AuditRecord::new(
+                "node",
+                if before.is_none() { "config.init" } else { "config.change" },
+                "noa.toml",
+                "ok",
+                serde_json::Value::Object(changed),
+            )),
+        )
+        .await?;
+    Ok(())
+}
+
 /// A started node: listening, with its registry restored.
 pub struct Node {
     kernel: Kernel,
@@ -128,11 +213,18 @@ impl Node {
             return Err(Error::Locked { path: dir.clone() });
         }
         let token = ensure_token(dir)?;
-        let store = Store::open(&dir.join("noa.db"))?;
+        let config = &opts.config;
+        let store = Store::open_with(
+            &dir.join("noa.db"),
+            store_options(dir, config, opts.passphrase.clone())?,
+        )?;
+        record_config(&store, config).await?;
         let policy = Policy::load(dir)?;
         let bus = Bus::local();
+        let mut kernel_opts = KernelOptions::new(dir.join("logs"));
+        kernel_opts.log_max_bytes = config.bytes("kernel.log_max_bytes").max(4096);
         let kernel = Kernel::new(
-            KernelOptions::new(dir.join("logs")),
+            kernel_opts,
             bus,
             store,
             policy,
@@ -141,14 +233,15 @@ impl Node {
                 Arc::new(NativeRuntime::new(NativeOptions::default())),
             ],
         );
-        let listener = tokio::net::TcpListener::bind(opts.listen)
+        let listen = config.listen();
+        let listener = tokio::net::TcpListener::bind(listen)
             .await
             .map_err(|e| Error::Listen {
-                addr: opts.listen.to_string(),
+                addr: listen.to_string(),
                 message: e.to_string(),
             })?;
         let local = listener.local_addr().map_err(|e| Error::Listen {
-            addr: opts.listen.to_string(),
+            addr: listen.to_string(),
             message: e.to_string(),
         })?;
         std::fs::write(addr_path(dir), local.to_string()).map_err(|e| dir_err(dir, e))?;
@@ -158,6 +251,15 @@ impl Node {
             &token,
             ServerOptions {
                 data_dir: dir.display().to_string(),
+                config: config
+                    .entries()
+                    .into_iter()
+                    .map(|e| noa_server::ConfigEntry {
+                        key: e.key.to_owned(),
+                        value: e.value,
+                        source: e.source.to_string(),
+                    })
+                    .collect(),
                 ..Default::default()
             },
             local,

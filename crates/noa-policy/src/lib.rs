@@ -31,6 +31,17 @@ pub enum Principal {
     Node,
 }
 
+impl Principal {
+    /// A short stable id for records: `user:<name>`, `agent:<name>`, `node`.
+    pub fn id(&self) -> String {
+        match self {
+            Principal::User(n) => format!("user:{n}"),
+            Principal::Agent(n) => format!("agent:{n}"),
+            Principal::Node => "node".into(),
+        }
+    }
+}
+
 impl fmt::Display for Principal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -54,7 +65,41 @@ pub enum Action {
     Request,
     /// Answering a request that was delivered to the principal (publishing to its reply subject).
     Reply,
+    /// Reading a file or listing a folder of the VFS.
+    ReadFile,
+    /// Writing, deleting or rolling back a file of the VFS.
+    WriteFile,
+    /// Mounting or unmounting a host folder.
+    Mount,
+    /// Reading a secret's value (at spawn, to inject it).
+    ReadSecret,
+    /// Setting or deleting a secret.
+    WriteSecret,
+    /// Taking a backup of the whole store.
+    Backup,
+    /// Reading or verifying the audit log.
+    ReadAudit,
 }
+
+/// Every action, in a fixed order.
+pub const ACTIONS: [Action; 16] = [
+    Action::Spawn,
+    Action::Stop,
+    Action::Kill,
+    Action::Restart,
+    Action::Read,
+    Action::Publish,
+    Action::Subscribe,
+    Action::Request,
+    Action::Reply,
+    Action::ReadFile,
+    Action::WriteFile,
+    Action::Mount,
+    Action::ReadSecret,
+    Action::WriteSecret,
+    Action::Backup,
+    Action::ReadAudit,
+];
 
 impl Action {
     pub fn as_str(self) -> &'static str {
@@ -68,6 +113,13 @@ impl Action {
             Action::Subscribe => "subscribe",
             Action::Request => "request",
             Action::Reply => "reply",
+            Action::ReadFile => "read_file",
+            Action::WriteFile => "write_file",
+            Action::Mount => "mount",
+            Action::ReadSecret => "read_secret",
+            Action::WriteSecret => "write_secret",
+            Action::Backup => "backup",
+            Action::ReadAudit => "read_audit",
         }
     }
 }
@@ -78,8 +130,22 @@ pub enum Resource {
     Process(String),
     /// A subject, or for `subscribe` a pattern.
     Subject(String),
-    /// The system as a whole (status, events).
+    /// The system as a whole (status, events, backups, the audit log).
     System,
+    /// A VFS path.
+    File(String),
+    /// A secret, by name.
+    Secret(String),
+}
+
+impl Resource {
+    /// A short stable id for records: the process name, subject, path or secret name, or `system`.
+    pub fn id(&self) -> &str {
+        match self {
+            Resource::Process(n) | Resource::Subject(n) | Resource::File(n) | Resource::Secret(n) => n,
+            Resource::System => "system",
+        }
+    }
 }
 
 impl fmt::Display for Resource {
@@ -88,6 +154,8 @@ impl fmt::Display for Resource {
             Resource::Process(n) => write!(f, "process {n:?}"),
             Resource::Subject(s) => write!(f, "subject {s:?}"),
             Resource::System => f.write_str("the system"),
+            Resource::File(p) => write!(f, "file {p:?}"),
+            Resource::Secret(n) => write!(f, "secret {n:?}"),
         }
     }
 }
@@ -117,9 +185,11 @@ struct Types {
     node: EntityUid,
     process: EntityTypeName,
     subject: EntityTypeName,
+    file: EntityTypeName,
+    secret: EntityTypeName,
     system: EntityUid,
     actions: Vec<(Action, EntityUid)>,
-    /// Every combination of the five context facts, built once (bit i of the index is fact i of `FACTS`).
+    /// Every combination of the context facts, built once (bit i of the index is fact i of `FACTS`).
     contexts: Vec<Context>,
 }
 
@@ -130,12 +200,14 @@ type DecisionKey = (Principal, Action, Resource, bool);
 const DECISION_CACHE: usize = 16_384;
 
 /// The context facts, in the order of the bits of a context index.
-const FACTS: [&str; 5] = [
+const FACTS: [&str; 7] = [
     "own_subject",
     "agent_inbox",
     "reply_inbox",
     "system",
     "granted",
+    "own_files",
+    "shared_files",
 ];
 
 impl Types {
@@ -143,23 +215,15 @@ impl Types {
         let ty = |t: &str| {
             EntityTypeName::from_str(t).unwrap_or_else(|e| panic!("built-in entity type {t}: {e}"))
         };
-        let all = [
-            Action::Spawn,
-            Action::Stop,
-            Action::Kill,
-            Action::Restart,
-            Action::Read,
-            Action::Publish,
-            Action::Subscribe,
-            Action::Request,
-            Action::Reply,
-        ];
+        let all = ACTIONS;
         Types {
             user: ty("Noa::User"),
             agent: ty("Noa::Agent"),
             node: uid("Noa::Node", "local"),
             process: ty("Noa::Process"),
             subject: ty("Noa::Subject"),
+            file: ty("Noa::File"),
+            secret: ty("Noa::Secret"),
             system: uid("Noa::System", "noa"),
             actions: all
                 .iter()
@@ -306,6 +370,24 @@ impl Policy {
                 Some(s.as_str()),
             ),
             Resource::System => (self.types.system.clone(), None),
+            Resource::File(p) => (
+                EntityUid::from_type_name_and_id(self.types.file.clone(), EntityId::new(p)),
+                None,
+            ),
+            Resource::Secret(n) => (
+                EntityUid::from_type_name_and_id(self.types.secret.clone(), EntityId::new(n)),
+                None,
+            ),
+        };
+        let (own_files, shared_files) = match resource {
+            Resource::File(p) => (
+                matches!(principal, Principal::Agent(name)
+                    if p.strip_prefix("/agents/")
+                        .and_then(|rest| rest.strip_prefix(name.as_str()))
+                        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))),
+                p == "/shared" || p.starts_with("/shared/"),
+            ),
+            _ => (false, false),
         };
         let own_subject = match (principal, subject) {
             (Principal::Agent(name), Some(s)) => s
@@ -325,6 +407,8 @@ impl Policy {
             subject.starts_with("_INBOX."),
             subject.starts_with("sys."),
             granted,
+            own_files,
+            shared_files,
         ];
         let index = facts
             .iter()

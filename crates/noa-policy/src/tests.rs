@@ -185,3 +185,50 @@ fn cached_decisions_equal_fresh_ones() {
         }
     }
 }
+
+#[test]
+fn agents_keep_to_their_files_and_granted_secrets() {
+    let p = Policy::default_policy();
+    let file = |s: &str| Resource::File(s.into());
+    let bot = agent("bot");
+    for a in [Action::ReadFile, Action::WriteFile] {
+        p.authorize(&bot, a, &file("/agents/bot/notes.md"), false)
+            .unwrap();
+        p.authorize(&bot, a, &file("/shared/x"), false).unwrap();
+        assert!(
+            p.authorize(&bot, a, &file("/agents/bot2/x"), false)
+                .is_err()
+        );
+        assert!(
+            p.authorize(&bot, a, &file("/agents/other/x"), false)
+                .is_err()
+        );
+        assert!(p.authorize(&bot, a, &file("/host/docs/x"), false).is_err());
+        assert!(p.authorize(&bot, a, &file("/sharedx/y"), false).is_err());
+    }
+    assert!(
+        p.authorize(&bot, Action::Mount, &file("/host/docs"), false)
+            .is_err()
+    );
+    let secret = Resource::Secret("openai_key".into());
+    assert!(
+        p.authorize(&bot, Action::ReadSecret, &secret, false)
+            .is_err()
+    );
+    p.authorize(&bot, Action::ReadSecret, &secret, true)
+        .unwrap();
+    assert!(
+        p.authorize(&bot, Action::WriteSecret, &secret, true)
+            .is_err()
+    );
+    for a in [Action::Backup, Action::ReadAudit] {
+        assert!(p.authorize(&bot, a, &Resource::System, false).is_err());
+        p.authorize(
+            &Principal::User("admin".into()),
+            a,
+            &Resource::System,
+            false,
+        )
+        .unwrap();
+    }
+}

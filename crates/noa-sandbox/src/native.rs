@@ -456,6 +456,7 @@ async fn run(opts: Arc<NativeOptions>, mut ctx: ProcessContext) -> ExitReason {
     cmd.args(&native.args)
         .env_clear()
         .envs(&ctx.spec.env)
+        .envs(ctx.secret_env.iter().map(|(k, v)| (k, v)))
         .env("NOA_PID", ctx.pid.to_string())
         .env("NOA_NAME", &ctx.spec.name)
         .env("NOA_INBOX", ctx.sys.inbox())

@@ -24,6 +24,36 @@ impl ApiError {
     pub fn bad_request(message: impl Into<String>) -> Self {
         ApiError::new(StatusCode::BAD_REQUEST, message)
     }
+
+    /// Puts `prefix` (where in the request) after the error's code.
+    pub fn with_prefix(mut self, prefix: &str) -> Self {
+        self.message = match self.message.split_once(' ') {
+            Some((c, m)) if c.starts_with("NOA-E") => format!("{c} {prefix}{m}"),
+            _ => format!("{prefix}{}", self.message),
+        };
+        self
+    }
+}
+
+impl From<noa_store::Error> for ApiError {
+    fn from(e: noa_store::Error) -> Self {
+        use noa_store::Error as S;
+        let status = match &e {
+            S::Path { .. } | S::SecretName { .. } => StatusCode::BAD_REQUEST,
+            S::NotFound { .. } | S::NoSecret { .. } | S::NoMount { .. } | S::NoVersion { .. } => {
+                StatusCode::NOT_FOUND
+            }
+            S::Quota { .. } => StatusCode::INSUFFICIENT_STORAGE,
+            S::ReadOnly { .. } => StatusCode::FORBIDDEN,
+            S::Host { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            S::WriterGone => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        if status == StatusCode::INTERNAL_SERVER_ERROR {
+            tracing::error!(error = %e, "A store operation failed inside the node.");
+        }
+        ApiError::new(status, e.to_string())
+    }
 }
 
 impl From<noa_kernel::Error> for ApiError {
@@ -48,7 +78,12 @@ impl From<noa_kernel::Error> for ApiError {
             K::NoRuntime { .. } | K::Launch { .. } | K::NotYourSubscription { .. } => {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
-            K::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            K::Store(_) => {
+                if let K::Store(inner) = e {
+                    return inner.into();
+                }
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
         };
         if status.is_server_error() && status != StatusCode::SERVICE_UNAVAILABLE {
             tracing::error!(error = %e, "A request failed inside the node.");

@@ -6,9 +6,11 @@
 
 mod api;
 mod error;
+mod files;
 mod metrics;
 mod openapi;
 mod streams;
+mod trust;
 
 pub use error::{ApiError, ApiResult};
 pub use openapi::{ROUTES, openapi};
@@ -34,6 +36,16 @@ pub struct ServerOptions {
     pub body_limit: usize,
     /// What `noa status` reports as the data directory.
     pub data_dir: String,
+    /// The effective configuration, for `GET /api/v1/config`.
+    pub config: Vec<ConfigEntry>,
+}
+
+/// One effective setting and where it came from.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ConfigEntry {
+    pub key: String,
+    pub value: String,
+    pub source: String,
 }
 
 impl Default for ServerOptions {
@@ -41,6 +53,7 @@ impl Default for ServerOptions {
         ServerOptions {
             body_limit: 8 * 1024 * 1024,
             data_dir: String::new(),
+            config: Vec::new(),
         }
     }
 }
@@ -56,6 +69,8 @@ pub struct AppState {
     /// Flips to true when the node shuts down, ending long-lived streams so that shutdown is not held up.
     pub(crate) shutdown: watch::Receiver<bool>,
     pub(crate) listen: Arc<str>,
+    /// When a successful login was last audited (ms since the epoch).
+    pub(crate) last_login_audit: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl AppState {
@@ -74,6 +89,7 @@ impl AppState {
             http: Arc::new(metrics::HttpMetrics::default()),
             shutdown,
             listen: Arc::from(listen.to_string()),
+            last_login_audit: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         }
     }
 }
@@ -107,13 +123,47 @@ async fn authenticate(
     let token = header.map(str::to_owned).or(query_token);
     match token {
         Some(t) if token_eq(t.trim().as_bytes(), state.admin_token.as_bytes()) => {
-            req.extensions_mut().insert(Principal::User("admin".into()));
+            let principal = Principal::User("admin".into());
+            // Logins are audited, but not every request: at most once a minute per principal.
+            let now = noa_types::now_ms();
+            let last = state
+                .last_login_audit
+                .load(std::sync::atomic::Ordering::Relaxed);
+            if now.saturating_sub(last) >= 60_000
+                && state
+                    .last_login_audit
+                    .compare_exchange(
+                        last,
+                        now,
+                        std::sync::atomic::Ordering::Relaxed,
+                        std::sync::atomic::Ordering::Relaxed,
+                    )
+                    .is_ok()
+            {
+                state.kernel.store().audit(noa_store::AuditRecord::new(
+                    principal.id(),
+                    "auth.login",
+                    "api",
+                    "ok",
+                    serde_json::json!({ "method": "admin token" }),
+                ));
+            }
+            req.extensions_mut().insert(principal);
             Ok(next.run(req).await)
         }
-        Some(_) => Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "NOA-E0600 the bearer token is not valid; use the one in <data-dir>/admin.token",
-        )),
+        Some(_) => {
+            state.kernel.store().audit(noa_store::AuditRecord::new(
+                "anonymous",
+                "auth.login",
+                "api",
+                "failed",
+                serde_json::json!({ "reason": "invalid token", "path": req.uri().path() }),
+            ));
+            Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "NOA-E0600 the bearer token is not valid; use the one in <data-dir>/admin.token",
+            ))
+        }
         None => Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "NOA-E0601 this endpoint needs `Authorization: Bearer <token>`; the admin token is in <data-dir>/admin.token",
@@ -143,6 +193,30 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/events", get(api::events))
         .route("/api/v1/events/stream", get(streams::sse))
         .route("/api/v1/events/ws", get(streams::ws))
+        .route("/api/v1/fs", get(files::get_root))
+        .route(
+            "/api/v1/fs/{*path}",
+            get(files::get)
+                .put(files::put)
+                .delete(files::delete)
+                .post(files::post),
+        )
+        .route("/api/v1/fs-txn", post(files::txn))
+        .route("/api/v1/fs-usage", get(files::usage))
+        .route("/api/v1/mounts", get(files::mounts).post(files::mount))
+        .route(
+            "/api/v1/mounts/{name}",
+            axum::routing::delete(files::unmount),
+        )
+        .route("/api/v1/secrets", get(trust::secrets))
+        .route(
+            "/api/v1/secrets/{name}",
+            axum::routing::put(trust::set_secret).delete(trust::delete_secret),
+        )
+        .route("/api/v1/audit", get(trust::audit))
+        .route("/api/v1/audit/verify", get(trust::audit_verify))
+        .route("/api/v1/backup", get(trust::backup))
+        .route("/api/v1/config", get(trust::config))
         .route("/api/v1/openapi.json", get(api::openapi_doc))
         .route("/metrics", get(metrics::render))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));

@@ -109,6 +109,125 @@ pub const ROUTES: &[(&str, &str, &str, bool, &str)] = &[
         true,
         "BusMessage",
     ),
+    (
+        "get",
+        "/api/v1/fs",
+        "The VFS namespaces: agents, host, runs, shared.",
+        true,
+        "Listing",
+    ),
+    (
+        "get",
+        "/api/v1/fs/{path}",
+        "A file's contents (streamed; `version=N` for an old one), a folder's listing (`list`), or a file's history (`history`).",
+        true,
+        "Listing",
+    ),
+    (
+        "put",
+        "/api/v1/fs/{path}",
+        "Write a file from the raw request body (streamed, encrypted, a new version).",
+        true,
+        "FileInfo",
+    ),
+    (
+        "delete",
+        "/api/v1/fs/{path}",
+        "Delete a file (its history stays).",
+        true,
+        "FileInfo",
+    ),
+    (
+        "post",
+        "/api/v1/fs/{path}",
+        "Roll a file back: `{\"rollback_to\": N}` makes a new version with the contents of version N.",
+        true,
+        "FileInfo",
+    ),
+    (
+        "post",
+        "/api/v1/fs-txn",
+        "Several puts, deletes and rollbacks that commit together or not at all.",
+        true,
+        "Any",
+    ),
+    (
+        "get",
+        "/api/v1/fs-usage",
+        "Bytes used and quota per namespace.",
+        true,
+        "Any",
+    ),
+    (
+        "get",
+        "/api/v1/mounts",
+        "Host folders mounted under /host.",
+        true,
+        "Any",
+    ),
+    (
+        "post",
+        "/api/v1/mounts",
+        "Mount a host folder: `{name, host_path, read_only}`.",
+        true,
+        "Any",
+    ),
+    (
+        "delete",
+        "/api/v1/mounts/{name}",
+        "Unmount a host folder.",
+        true,
+        "Any",
+    ),
+    (
+        "get",
+        "/api/v1/secrets",
+        "Secret names and when they were set; never values.",
+        true,
+        "Any",
+    ),
+    (
+        "put",
+        "/api/v1/secrets/{name}",
+        "Set a secret: `{\"value\": \"...\"}` (encrypted at rest).",
+        true,
+        "Any",
+    ),
+    (
+        "delete",
+        "/api/v1/secrets/{name}",
+        "Delete a secret.",
+        true,
+        "Any",
+    ),
+    (
+        "get",
+        "/api/v1/audit",
+        "Audit records (filters: after, limit, principal, action or prefix*, since_ms, until_ms).",
+        true,
+        "Any",
+    ),
+    (
+        "get",
+        "/api/v1/audit/verify",
+        "Recompute the audit hash chain and check its signed checkpoints.",
+        true,
+        "Any",
+    ),
+    (
+        "get",
+        "/api/v1/backup",
+        "A consistent backup of the running store as a tar archive (streamed; `include_keys=true` adds the key files).",
+        true,
+        "Any",
+    ),
+    (
+        "get",
+        "/api/v1/config",
+        "The effective configuration, each value with its source.",
+        true,
+        "Any",
+    ),
     ("get", "/api/v1/openapi.json", "This document.", true, "Any"),
     ("get", "/metrics", "Prometheus metrics.", true, "Any"),
 ];
@@ -158,6 +277,11 @@ fn schemas() -> Value {
             "seq": { "type": "integer" }, "ts_ms": { "type": "integer" }, "pid": { "type": "integer" }, "name": { "type": "string" },
             "event": { "type": "string" }, "detail": {} } },
         "EventList": { "type": "array", "items": { "$ref": "#/components/schemas/Event" } },
+        "FileInfo": { "type": "object", "properties": {
+            "path": { "type": "string" }, "version": { "type": "integer" }, "size": { "type": "integer" }, "mtime_ms": { "type": "integer" },
+            "op": { "enum": ["write", "delete", "rollback"] }, "principal": { "type": "string" } } },
+        "Listing": { "type": "object", "properties": { "path": { "type": "string" }, "entries": { "type": "array", "items": { "type": "object", "properties": {
+            "name": { "type": "string" }, "dir": { "type": "boolean" }, "size": { "type": "integer" }, "version": { "type": ["integer", "null"] } } } } } },
     })
 }
 
@@ -177,6 +301,9 @@ pub fn openapi() -> Value {
         }
         if path.contains("{name}") {
             op["parameters"] = json!([{ "name": "name", "in": "path", "required": true, "schema": { "type": "string" } }]);
+        }
+        if path.contains("{path}") {
+            op["parameters"] = json!([{ "name": "path", "in": "path", "required": true, "description": "A VFS path without its leading slash, e.g. shared/notes.md", "schema": { "type": "string" } }]);
         }
         if *path == "/api/v1/processes" && *method == "post" {
             op["requestBody"] = json!({ "required": true, "content": { "application/json": { "schema": { "$ref": "#/components/schemas/ProcessSpec" } } } });

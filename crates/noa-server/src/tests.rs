@@ -79,6 +79,252 @@ impl Fx {
     }
 }
 
+impl Fx {
+    /// A request with a raw body; returns the status, the raw response bytes and the headers.
+    async fn raw(
+        &self,
+        method: Method,
+        path: &str,
+        body: Vec<u8>,
+    ) -> (StatusCode, Vec<u8>, axum::http::HeaderMap) {
+        let req = HttpRequest::builder()
+            .method(method)
+            .uri(path)
+            .header("authorization", format!("Bearer {TOKEN}"))
+            .body(Body::from(body))
+            .unwrap();
+        let res = self.app.clone().oneshot(req).await.unwrap();
+        let status = res.status();
+        let headers = res.headers().clone();
+        let bytes = res.into_body().collect().await.unwrap().to_bytes().to_vec();
+        (status, bytes, headers)
+    }
+}
+
+#[tokio::test]
+async fn files_over_rest() {
+    let f = fixture();
+    let big: Vec<u8> = (0..20_000_000u32).map(|i| (i % 251) as u8).collect();
+    let (s, b, _) = f
+        .raw(Method::PUT, "/api/v1/fs/shared/big.bin", big.clone())
+        .await;
+    assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
+    let (s, b, h) = f
+        .raw(Method::GET, "/api/v1/fs/shared/big.bin", vec![])
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(h["x-noa-version"], "1");
+    assert!(b == big, "the 20 MB file came back different");
+    f.raw(Method::PUT, "/api/v1/fs/shared/n.md", b"v1".to_vec())
+        .await;
+    f.raw(Method::PUT, "/api/v1/fs/shared/n.md", b"v2".to_vec())
+        .await;
+    let (s, v) = f
+        .call(
+            Method::POST,
+            "/api/v1/fs/shared/n.md",
+            Some(TOKEN),
+            Some(json!({"rollback_to": 1})),
+        )
+        .await;
+    assert_eq!((s, v["version"].as_u64()), (StatusCode::OK, Some(3)), "{v}");
+    let (_, b, _) = f.raw(Method::GET, "/api/v1/fs/shared/n.md", vec![]).await;
+    assert_eq!(b, b"v1");
+    let (_, v) = f
+        .call(
+            Method::GET,
+            "/api/v1/fs/shared/n.md?history",
+            Some(TOKEN),
+            None,
+        )
+        .await;
+    assert_eq!(v["versions"].as_array().unwrap().len(), 3);
+    let (_, v) = f
+        .call(Method::GET, "/api/v1/fs/shared", Some(TOKEN), None)
+        .await;
+    assert_eq!(v["entries"].as_array().unwrap().len(), 2, "{v}");
+    // Bad paths, missing files, bad transactions.
+    let (s, v) = f
+        .call(Method::GET, "/api/v1/fs/etc/passwd", Some(TOKEN), None)
+        .await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("NOA-E0309"))
+    );
+    let (s, v) = f
+        .call(Method::GET, "/api/v1/fs/shared/nope", Some(TOKEN), None)
+        .await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (StatusCode::NOT_FOUND, Some("NOA-E0310")),
+        "{v}"
+    );
+    let (s, v) = f
+        .call(
+            Method::POST,
+            "/api/v1/fs-txn",
+            Some(TOKEN),
+            Some(json!({"ops": [{"op": "put", "path": "/shared/t1", "content": "a"}, {"op": "delete", "path": "/shared/none"}]})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
+    assert_eq!(
+        f.call(Method::GET, "/api/v1/fs/shared/t1", Some(TOKEN), None)
+            .await
+            .0,
+        StatusCode::NOT_FOUND
+    );
+    let (s, v) = f
+        .call(
+            Method::POST,
+            "/api/v1/fs-txn",
+            Some(TOKEN),
+            Some(json!({"ops": [{"op": "put", "path": "/shared/t1", "content": "a"}, {"op": "put", "path": "/shared/t2", "content_base64": "Yg=="}]})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (s, v) = f
+        .call(
+            Method::POST,
+            "/api/v1/fs-txn",
+            Some(TOKEN),
+            Some(json!({"ops": [{"op": "put", "path": "/x/y", "content": "a"}]})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("ops[0]: "),
+        "{v}"
+    );
+}
+
+#[tokio::test]
+async fn host_mounts_stay_inside() {
+    let f = fixture();
+    let host = tempfile::tempdir().unwrap();
+    std::fs::write(host.path().join("a.txt"), "hello").unwrap();
+    std::os::unix::fs::symlink("/etc/passwd", host.path().join("pw")).unwrap();
+    let (s, v) = f
+        .call(
+            Method::POST,
+            "/api/v1/mounts",
+            Some(TOKEN),
+            Some(json!({"name": "docs", "host_path": host.path(), "read_only": true})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let (s, b, _) = f
+        .raw(Method::GET, "/api/v1/fs/host/docs/a.txt", vec![])
+        .await;
+    assert_eq!((s, b.as_slice()), (StatusCode::OK, &b"hello"[..]));
+    let (s, v) = f
+        .call(Method::GET, "/api/v1/fs/host/docs/pw", Some(TOKEN), None)
+        .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("symbolic link"),
+        "{v}"
+    );
+    let (s, _, _) = f
+        .raw(
+            Method::GET,
+            "/api/v1/fs/host/docs/..%2F..%2Fetc%2Fpasswd",
+            vec![],
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let (s, b, _) = f
+        .raw(Method::PUT, "/api/v1/fs/host/docs/new.txt", b"x".to_vec())
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{}", String::from_utf8_lossy(&b));
+    let (_, v) = f
+        .call(Method::GET, "/api/v1/fs/host/docs", Some(TOKEN), None)
+        .await;
+    let names: Vec<_> = v["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["a.txt"], "symlinks are not listed");
+}
+
+#[tokio::test]
+async fn secrets_audit_and_backup_over_rest() {
+    let f = fixture();
+    let (s, _) = f
+        .call(
+            Method::PUT,
+            "/api/v1/secrets/api_key",
+            Some(TOKEN),
+            Some(json!({"value": "sk-HIDDEN"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let (_, v) = f
+        .call(Method::GET, "/api/v1/secrets", Some(TOKEN), None)
+        .await;
+    assert_eq!(v["secrets"][0]["name"], "api_key");
+    assert!(!v.to_string().contains("sk-HIDDEN"));
+    let (s, v) = f
+        .call(
+            Method::PUT,
+            "/api/v1/secrets/bad%20name",
+            Some(TOKEN),
+            Some(json!({"value": "x"})),
+        )
+        .await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("NOA-E0315"))
+    );
+    // A wrong token is audited as a failed login.
+    f.call(Method::GET, "/api/v1/status", Some("wrong"), None)
+        .await;
+    let (_, v) = f
+        .call(
+            Method::GET,
+            "/api/v1/audit?action=auth.*",
+            Some(TOKEN),
+            None,
+        )
+        .await;
+    let outcomes: Vec<_> = v["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["outcome"].as_str().unwrap())
+        .collect();
+    assert!(
+        outcomes.contains(&"failed") && outcomes.contains(&"ok"),
+        "{v}"
+    );
+    let (_, v) = f
+        .call(Method::GET, "/api/v1/audit", Some(TOKEN), None)
+        .await;
+    assert!(!v.to_string().contains("sk-HIDDEN"));
+    let (_, v) = f
+        .call(Method::GET, "/api/v1/audit/verify", Some(TOKEN), None)
+        .await;
+    assert_eq!(v["problem"], Value::Null, "{v}");
+    assert!(v["records"].as_u64().unwrap() >= 3, "{v}");
+    let (s, b, h) = f.raw(Method::GET, "/api/v1/backup", vec![]).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(h["content-type"], "application/x-tar");
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("b.noabak");
+    std::fs::write(&archive, &b).unwrap();
+    let m = noa_store::backup::verify(&archive, &mut |_, _| {}).unwrap();
+    assert!(m.entries.iter().any(|e| e.path == "noa.db"));
+    assert!(!b.windows(9).any(|w| w == b"sk-HIDDEN"));
+}
+
 #[tokio::test]
 async fn health_is_open_and_everything_else_needs_the_token() {
     let f = fixture();
@@ -108,7 +354,7 @@ async fn health_is_open_and_everything_else_needs_the_token() {
 async fn every_documented_route_exists() {
     let f = fixture();
     for (method, path, _, _, _) in ROUTES {
-        let path = path.replace("{name}", "root");
+        let path = path.replace("{name}", "root").replace("{path}", "shared/x");
         let method = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
         let (s, v) = f
             .call(method.clone(), &path, Some(TOKEN), Some(json!({})))
@@ -264,7 +510,7 @@ async fn metrics_and_status() {
         .await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(v["kernel"]["processes"], 1);
-    assert_eq!(v["store"]["schema_version"], 1);
+    assert_eq!(v["store"]["schema_version"], 2);
     let (_, text) = f.call(Method::GET, "/metrics", Some(TOKEN), None).await;
     let text = text.as_str().unwrap();
     assert!(

@@ -239,6 +239,33 @@ impl Store {
         .await
     }
 
+    // ----- small settings -----
+
+    /// A value of the `meta` table.
+    pub fn meta(&self, key: &str) -> Result<Option<String>> {
+        use rusqlite::OptionalExtension;
+        Ok(self
+            .reader()
+            .prepare_cached("SELECT value FROM meta WHERE key = ?1")?
+            .query_row(params![key], |r| r.get(0))
+            .optional()?)
+    }
+
+    /// Sets a value of the `meta` table, with an audit record in the same transaction.
+    pub async fn set_meta(&self, key: &str, value: &str, audit: Option<AuditRecord>) -> Result<()> {
+        self.exec(
+            vec![(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2)
+                 ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                vec![Value::Text(key.to_owned()), Value::Text(value.to_owned())],
+            )],
+            None,
+            audit,
+        )
+        .await
+        .map(|_| ())
+    }
+
     // ----- audit -----
 
     /// Appends an audit record without waiting (it commits in order with every other write).

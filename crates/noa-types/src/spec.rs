@@ -238,6 +238,10 @@ pub struct ProcessSpec {
     /// Environment granted to the process (everything else is cleared).
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// Secrets injected as environment variables: variable name → secret name. Values never appear in
+    /// the spec, its events or the API; the spawner must be allowed to read each secret.
+    #[serde(default)]
+    pub secrets: BTreeMap<String, String>,
     #[serde(default)]
     pub limits: Limits,
     /// Subject patterns the process may publish and request on, beyond its own `agent.<name>.>`.
@@ -267,6 +271,7 @@ impl ProcessSpec {
             limits: Limits::default(),
             publish: Vec::new(),
             subscribe: Vec::new(),
+            secrets: BTreeMap::new(),
         }
     }
 
@@ -296,6 +301,44 @@ impl ProcessSpec {
     /// Checks the spec as a whole; the error names the field.
     pub fn validate(&self) -> Result<()> {
         validate_name(&self.name)?;
+        let env_name_ok = |k: &str| {
+            !k.is_empty()
+                && !k.starts_with(|c: char| c.is_ascii_digit())
+                && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        };
+        for k in self.env.keys().chain(self.secrets.keys()) {
+            if !env_name_ok(k) {
+                return Err(Error::invalid(
+                    "env",
+                    format!("{k:?} is not a valid environment variable name (letters, digits, '_')"),
+                ));
+            }
+            if k.starts_with("NOA_") {
+                return Err(Error::invalid(
+                    "env",
+                    format!("{k:?}: NOA_* variables are set by the kernel"),
+                ));
+            }
+        }
+        for (k, secret) in &self.secrets {
+            if self.env.contains_key(k) {
+                return Err(Error::invalid(
+                    "secrets",
+                    format!("{k:?} is set both as a plain variable and from a secret"),
+                ));
+            }
+            let ok = !secret.is_empty()
+                && secret.len() <= 128
+                && secret
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+            if !ok {
+                return Err(Error::invalid(
+                    "secrets",
+                    format!("{secret:?} is not a secret name (1 to 128 of letters, digits, '_', '.', '-')"),
+                ));
+            }
+        }
         if let Some(parent) = &self.parent {
             validate_name(parent).map_err(|e| Error::invalid("parent", e.to_string()))?;
             if parent == &self.name {

@@ -1,0 +1,491 @@
+//! REST handlers of the VFS (`/api/v1/fs/...`), its transactions and host mounts. Bodies stream both ways.
+
+use crate::{ApiError, ApiResult, AppState};
+use axum::Json;
+use axum::body::{Body, Bytes};
+use axum::extract::{Extension, Path, Query, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use futures_util::StreamExt;
+use noa_policy::{Action, Principal, Resource};
+use noa_store::{FsOp, Namespace, Store, VPath};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+fn vpath(raw: Option<&str>) -> ApiResult<VPath> {
+    let p = format!("/{}", raw.unwrap_or_default());
+    Ok(VPath::parse(&p)?)
+}
+
+fn check(state: &AppState, p: &Principal, action: Action, path: &VPath) -> ApiResult<()> {
+    state
+        .kernel
+        .authorize(p, action, &Resource::File(path.to_string()), false)?;
+    Ok(())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReadQuery {
+    #[serde(default)]
+    list: Option<String>,
+    #[serde(default)]
+    history: Option<String>,
+    #[serde(default)]
+    version: Option<u64>,
+}
+
+pub async fn get_root(
+    state: State<AppState>,
+    p: Extension<Principal>,
+    q: Query<ReadQuery>,
+) -> ApiResult<Response> {
+    read_inner(state, p, None, q).await
+}
+
+pub async fn get(
+    state: State<AppState>,
+    p: Extension<Principal>,
+    Path(path): Path<String>,
+    q: Query<ReadQuery>,
+) -> ApiResult<Response> {
+    read_inner(state, p, Some(path), q).await
+}
+
+/// Sends chunks produced on a blocking thread as a streamed body.
+fn stream_body(
+    produce: impl FnOnce(&dyn Fn(Vec<u8>) -> Result<(), ()>) -> Result<(), String> + Send + 'static,
+) -> Body {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(8);
+    tokio::task::spawn_blocking(move || {
+        let send = |chunk: Vec<u8>| tx.blocking_send(Ok(Bytes::from(chunk))).map_err(|_| ());
+        if let Err(e) = produce(&send) {
+            tracing::warn!(error = %e, "A streamed file read failed midway.");
+            let _ = tx.blocking_send(Err(std::io::Error::other(e)));
+        }
+    });
+    Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
+async fn read_inner(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    raw: Option<String>,
+    Query(q): Query<ReadQuery>,
+) -> ApiResult<Response> {
+    let path = vpath(raw.as_deref())?;
+    check(&state, &p, Action::ReadFile, &path)?;
+    let store = state.kernel.store().clone();
+    let is_folder = matches!(path.namespace(), Namespace::Root)
+        || matches!(path.namespace(), Namespace::Stored(ns) if ns == path.as_str())
+        || matches!(path.namespace(), Namespace::Host { rest, .. } if rest.is_empty());
+    if q.list.is_some() || is_folder {
+        let entries = store.fs_list(&path)?;
+        return Ok(Json(json!({ "path": path.to_string(), "entries": entries })).into_response());
+    }
+    if q.history.is_some() {
+        return Ok(
+            Json(json!({ "path": path.to_string(), "versions": store.fs_history(&path)? }))
+                .into_response(),
+        );
+    }
+    if let Namespace::Host { .. } = path.namespace() {
+        let host = store.host_path(&path, false)?;
+        let meta = std::fs::metadata(&host).map_err(|_| noa_store::Error::NotFound {
+            path: path.to_string(),
+        })?;
+        if meta.is_dir() {
+            let entries = store.fs_list(&path)?;
+            return Ok(
+                Json(json!({ "path": path.to_string(), "entries": entries })).into_response(),
+            );
+        }
+        let file = std::fs::File::open(&host).map_err(|e| noa_store::Error::Host {
+            path: path.to_string(),
+            message: e.to_string(),
+        })?;
+        let body = stream_body(move |send| {
+            use std::io::Read;
+            let mut file = file;
+            let mut buf = vec![0u8; 64 << 10];
+            loop {
+                let n = file.read(&mut buf).map_err(|e| e.to_string())?;
+                if n == 0 || send(buf[..n].to_vec()).is_err() {
+                    return Ok(());
+                }
+            }
+        });
+        let mut res = Response::new(body);
+        res.headers_mut()
+            .insert(header::CONTENT_LENGTH, meta.len().into());
+        res.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/octet-stream"),
+        );
+        return Ok(res);
+    }
+    let reader = match store.fs_open(&path, q.version) {
+        Err(noa_store::Error::NotFound { .. }) if q.version.is_none() => {
+            // A folder made of deeper paths lists; a path that is neither file nor folder is missing.
+            let entries = store.fs_list(&path)?;
+            if entries.is_empty() {
+                return Err(noa_store::Error::NotFound {
+                    path: path.to_string(),
+                }
+                .into());
+            }
+            return Ok(
+                Json(json!({ "path": path.to_string(), "entries": entries })).into_response(),
+            );
+        }
+        other => other?,
+    };
+    let info = reader.info.clone();
+    let body = stream_body(move |send| {
+        reader
+            .for_each_chunk(|c| send(c))
+            .map_err(|e| e.to_string())
+    });
+    let mut res = Response::new(body);
+    let h = res.headers_mut();
+    h.insert(header::CONTENT_LENGTH, info.size.into());
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    h.insert("x-noa-version", info.version.into());
+    Ok(res)
+}
+
+/// Streams a request body into a staged blob (stored paths) on a blocking thread.
+async fn stage_body(store: &Store, body: Body) -> ApiResult<noa_store::StagedBlob> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(8);
+    let store = store.clone();
+    let writer = tokio::task::spawn_blocking(move || {
+        let mut w = store.blob_writer()?;
+        while let Some(chunk) = rx.blocking_recv() {
+            w.write(&chunk)?;
+        }
+        w.finish()
+    });
+    let mut stream = body.into_data_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| {
+            ApiError::bad_request(format!("NOA-E0603 the request body broke off: {e}"))
+        })?;
+        if tx.send(chunk).await.is_err() {
+            break;
+        }
+    }
+    drop(tx);
+    writer
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(Into::into)
+}
+
+/// Streams a request body into a host file: a temporary file beside it, renamed over it when complete.
+async fn write_host(store: &Store, path: &VPath, body: Body) -> ApiResult<u64> {
+    let dest = store.host_path(path, true)?;
+    let shown = path.to_string();
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(8);
+    let writer = tokio::task::spawn_blocking(move || -> Result<u64, noa_store::Error> {
+        use std::io::Write;
+        let host_err = |e: std::io::Error| noa_store::Error::Host {
+            path: shown.clone(),
+            message: e.to_string(),
+        };
+        let dir = dest.parent().unwrap_or(std::path::Path::new("/"));
+        let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(host_err)?;
+        let mut n = 0u64;
+        while let Some(chunk) = rx.blocking_recv() {
+            tmp.write_all(&chunk).map_err(host_err)?;
+            n += chunk.len() as u64;
+        }
+        tmp.as_file().sync_all().map_err(host_err)?;
+        tmp.persist(&dest).map_err(|e| host_err(e.error))?;
+        Ok(n)
+    });
+    let mut stream = body.into_data_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| {
+            ApiError::bad_request(format!("NOA-E0603 the request body broke off: {e}"))
+        })?;
+        if tx.send(chunk).await.is_err() {
+            break;
+        }
+    }
+    drop(tx);
+    writer
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(Into::into)
+}
+
+pub async fn put(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    Path(raw): Path<String>,
+    body: Body,
+) -> ApiResult<Json<Value>> {
+    let path = vpath(Some(&raw))?;
+    check(&state, &p, Action::WriteFile, &path)?;
+    let store = state.kernel.store();
+    if let Namespace::Host { .. } = path.namespace() {
+        let size = write_host(store, &path, body).await?;
+        store
+            .audit_durable(noa_store::AuditRecord::new(
+                p.id(),
+                "fs.write",
+                path.to_string(),
+                "ok",
+                json!({ "size": size, "host": true }),
+            ))
+            .await?;
+        return Ok(Json(json!({ "path": path.to_string(), "size": size })));
+    }
+    let file = path.stored_file()?.to_owned();
+    let blob = stage_body(store, body).await?;
+    let mut infos = store
+        .fs_commit(&p.id(), vec![FsOp::Put { path: file, blob }])
+        .await?;
+    Ok(Json(json!(infos.remove(0))))
+}
+
+pub async fn delete(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    Path(raw): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let path = vpath(Some(&raw))?;
+    check(&state, &p, Action::WriteFile, &path)?;
+    let store = state.kernel.store();
+    if let Namespace::Host { .. } = path.namespace() {
+        let host = store.host_path(&path, true)?;
+        let result = std::fs::remove_file(&host).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => noa_store::Error::NotFound {
+                path: path.to_string(),
+            },
+            _ => noa_store::Error::Host {
+                path: path.to_string(),
+                message: e.to_string(),
+            },
+        });
+        store
+            .audit_durable(noa_store::AuditRecord::new(
+                p.id(),
+                "fs.delete",
+                path.to_string(),
+                if result.is_ok() { "ok" } else { "failed" },
+                json!({ "host": true }),
+            ))
+            .await?;
+        result?;
+        return Ok(Json(json!({ "path": path.to_string(), "deleted": true })));
+    }
+    let file = path.stored_file()?.to_owned();
+    let mut infos = store
+        .fs_commit(&p.id(), vec![FsOp::Delete { path: file }])
+        .await?;
+    Ok(Json(json!(infos.remove(0))))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostBody {
+    rollback_to: u64,
+}
+
+/// `POST /api/v1/fs/{path}` with `{"rollback_to": N}`: a new version with the contents of version N.
+pub async fn post(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    Path(raw): Path<String>,
+    body: Result<Json<PostBody>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult<Json<Value>> {
+    let Json(body) =
+        body.map_err(|e| ApiError::bad_request(format!("NOA-E0604 {}", e.body_text())))?;
+    let path = vpath(Some(&raw))?;
+    check(&state, &p, Action::WriteFile, &path)?;
+    let file = path.stored_file()?.to_owned();
+    let mut infos = state
+        .kernel
+        .store()
+        .fs_commit(
+            &p.id(),
+            vec![FsOp::Rollback {
+                path: file,
+                to: body.rollback_to,
+            }],
+        )
+        .await?;
+    Ok(Json(json!(infos.remove(0))))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, tag = "op", rename_all = "snake_case")]
+pub enum TxnOp {
+    Put {
+        path: String,
+        #[serde(default)]
+        content: Option<String>,
+        #[serde(default)]
+        content_base64: Option<String>,
+    },
+    Delete {
+        path: String,
+    },
+    Rollback {
+        path: String,
+        to: u64,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Txn {
+    ops: Vec<TxnOp>,
+}
+
+/// `POST /api/v1/fs-txn`: several changes that commit together or not at all.
+pub async fn txn(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    body: Result<Json<Txn>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult<Json<Value>> {
+    let Json(txn) =
+        body.map_err(|e| ApiError::bad_request(format!("NOA-E0604 {}", e.body_text())))?;
+    if txn.ops.is_empty() {
+        return Err(ApiError::bad_request(
+            "NOA-E0604 ops: a transaction needs at least one operation",
+        ));
+    }
+    let store = state.kernel.store().clone();
+    let mut ops = Vec::with_capacity(txn.ops.len());
+    for (i, op) in txn.ops.into_iter().enumerate() {
+        let at = |e: noa_store::Error| ApiError::from(e).with_prefix(&format!("ops[{i}]: "));
+        let raw = match &op {
+            TxnOp::Put { path, .. } | TxnOp::Delete { path } | TxnOp::Rollback { path, .. } => {
+                path.clone()
+            }
+        };
+        let path = VPath::parse(&raw).map_err(at)?;
+        check(&state, &p, Action::WriteFile, &path)?;
+        let file = path.stored_file().map_err(at)?.to_owned();
+        ops.push(match op {
+            TxnOp::Put {
+                content,
+                content_base64,
+                ..
+            } => {
+                let bytes = match (content, content_base64) {
+                    (Some(t), None) => t.into_bytes(),
+                    (None, Some(b)) => base64::engine::general_purpose::STANDARD
+                        .decode(b.trim())
+                        .map_err(|e| {
+                        ApiError::bad_request(format!(
+                            "NOA-E0604 ops[{i}].content_base64: not base64: {e}"
+                        ))
+                    })?,
+                    _ => {
+                        return Err(ApiError::bad_request(format!(
+                            "NOA-E0604 ops[{i}]: give exactly one of content, content_base64"
+                        )));
+                    }
+                };
+                let s = store.clone();
+                let blob = tokio::task::spawn_blocking(move || {
+                    let mut w = s.blob_writer()?;
+                    w.write(&bytes)?;
+                    w.finish()
+                })
+                .await
+                .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+                .map_err(at)?;
+                FsOp::Put { path: file, blob }
+            }
+            TxnOp::Delete { .. } => FsOp::Delete { path: file },
+            TxnOp::Rollback { to, .. } => FsOp::Rollback { path: file, to },
+        });
+    }
+    let files = store.fs_commit(&p.id(), ops).await?;
+    Ok(Json(json!({ "committed": files })))
+}
+
+pub async fn usage(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+) -> ApiResult<Json<Value>> {
+    state
+        .kernel
+        .authorize(&p, Action::Read, &Resource::System, false)?;
+    let usage: Vec<Value> = state
+        .kernel
+        .store()
+        .fs_usage()?
+        .into_iter()
+        .map(|(ns, bytes, limit)| json!({ "namespace": ns, "bytes": bytes, "limit": limit }))
+        .collect();
+    Ok(Json(json!({ "usage": usage })))
+}
+
+pub async fn mounts(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+) -> ApiResult<Json<Value>> {
+    state
+        .kernel
+        .authorize(&p, Action::ReadFile, &Resource::File("/host".into()), false)?;
+    Ok(Json(json!({ "mounts": state.kernel.store().mounts()? })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MountBody {
+    name: String,
+    host_path: String,
+    #[serde(default)]
+    read_only: bool,
+}
+
+pub async fn mount(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    body: Result<Json<MountBody>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let Json(m) =
+        body.map_err(|e| ApiError::bad_request(format!("NOA-E0604 {}", e.body_text())))?;
+    state.kernel.authorize(
+        &p,
+        Action::Mount,
+        &Resource::File(format!("/host/{}", m.name)),
+        false,
+    )?;
+    let mounted = state
+        .kernel
+        .store()
+        .mount(
+            &p.id(),
+            &m.name,
+            std::path::Path::new(&m.host_path),
+            m.read_only,
+        )
+        .await?;
+    Ok((StatusCode::CREATED, Json(json!(mounted))))
+}
+
+pub async fn unmount(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Value>> {
+    state.kernel.authorize(
+        &p,
+        Action::Mount,
+        &Resource::File(format!("/host/{name}")),
+        false,
+    )?;
+    state.kernel.store().unmount(&p.id(), &name).await?;
+    Ok(Json(json!({ "unmounted": name })))
+}
