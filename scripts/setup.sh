@@ -17,6 +17,8 @@ have cc || need_pkgs+=(gcc libc6-dev)
 have python3 || need_pkgs+=(python3)
 have kill || need_pkgs+=(procps)
 have make || need_pkgs+=(make)
+# The sqlite3 shell: the audit tests tamper with the database the way an attacker would.
+have sqlite3 || need_pkgs+=(sqlite3)
 
 if ((${#need_pkgs[@]})); then
   if [ "$(id -u)" = 0 ] && have apt-get; then

@@ -115,7 +115,10 @@ impl Kernel {
     }
 
     /// The secret environment of a spec: each secret checked against the policy for the agent and decrypted.
-    fn resolve_secrets(&self, spec: &noa_types::ProcessSpec) -> std::result::Result<Vec<(String, String)>, String> {
+    fn resolve_secrets(
+        &self,
+        spec: &noa_types::ProcessSpec,
+    ) -> std::result::Result<Vec<(String, String)>, String> {
         let agent = Principal::Agent(spec.name.clone());
         let mut out = Vec::with_capacity(spec.secrets.len());
         for (var, name) in &spec.secrets {

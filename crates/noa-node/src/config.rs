@@ -146,7 +146,11 @@ fn unknown_key_message(key: &str) -> String {
         .unwrap_or_default();
     format!(
         "unknown key `{key}`{close} (known keys: {})",
-        SETTINGS.iter().map(|s| s.key).collect::<Vec<_>>().join(", ")
+        SETTINGS
+            .iter()
+            .map(|s| s.key)
+            .collect::<Vec<_>>()
+            .join(", ")
     )
 }
 
@@ -168,9 +172,7 @@ fn strsim(a: &str, b: &str) -> usize {
 /// Parses a size: digits with an optional unit.
 pub fn parse_bytes(s: &str) -> std::result::Result<u64, String> {
     let t = s.trim();
-    let split = t
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(t.len());
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     let n: u64 = num
         .parse()
@@ -236,7 +238,12 @@ pub fn check_value(key: &str, value: &str) -> std::result::Result<String, String
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
     let line = before.matches('\n').count() + 1;
-    let col = before.rsplit('\n').next().map(|l| l.chars().count()).unwrap_or(0) + 1;
+    let col = before
+        .rsplit('\n')
+        .next()
+        .map(|l| l.chars().count())
+        .unwrap_or(0)
+        + 1;
     (line, col)
 }
 
@@ -264,7 +271,13 @@ fn read_file(path: &Path) -> Result<Vec<(&'static str, String, usize)>> {
     };
     let doc = toml_edit::Document::parse(text.as_str()).map_err(|e| {
         let offset = e.span().map(|s| s.start).unwrap_or(0);
-        file_error(path, &text, offset, "", format!("not valid TOML: {}", e.message()))
+        file_error(
+            path,
+            &text,
+            offset,
+            "",
+            format!("not valid TOML: {}", e.message()),
+        )
     })?;
     let mut out = Vec::new();
     for (section, item) in doc.as_table().iter() {
@@ -289,7 +302,9 @@ fn read_file(path: &Path) -> Result<Vec<(&'static str, String, usize)>> {
             };
             let raw = match value.as_value() {
                 Some(toml_edit::Value::String(v)) => v.value().clone(),
-                Some(toml_edit::Value::Integer(v)) if matches!(s.kind, Kind::Bytes | Kind::Count { .. }) => {
+                Some(toml_edit::Value::Integer(v))
+                    if matches!(s.kind, Kind::Bytes | Kind::Count { .. }) =>
+                {
                     v.value().to_string()
                 }
                 _ => {
@@ -307,8 +322,8 @@ fn read_file(path: &Path) -> Result<Vec<(&'static str, String, usize)>> {
                     ));
                 }
             };
-            let checked = check_value(&key, &raw)
-                .map_err(|m| file_error(path, &text, at, &key, m))?;
+            let checked =
+                check_value(&key, &raw).map_err(|m| file_error(path, &text, at, &key, m))?;
             out.push((s.key, checked, line_col(&text, at).0));
         }
     }
@@ -403,7 +418,10 @@ impl Config {
 
     fn raw(&self, key: &'static str) -> &str {
         // Every key in SETTINGS has a value from `load` or `defaults`.
-        self.values.get(key).map(|v| v.0.as_str()).unwrap_or_default()
+        self.values
+            .get(key)
+            .map(|v| v.0.as_str())
+            .unwrap_or_default()
     }
 
     pub fn listen(&self) -> SocketAddr {
@@ -451,11 +469,13 @@ pub fn set(data_dir: &Path, key: &str, value: &str) -> Result<PathBuf> {
     // Parse the whole file first: a broken file is reported, not overwritten.
     read_file(&path)?;
     let text = std::fs::read_to_string(&path).unwrap_or_default();
-    let mut doc: toml_edit::DocumentMut = text.parse().map_err(|e: toml_edit::TomlError| Error::Config {
-        place: path.display().to_string(),
-        key: key.to_owned(),
-        message: e.message().to_owned(),
-    })?;
+    let mut doc: toml_edit::DocumentMut =
+        text.parse()
+            .map_err(|e: toml_edit::TomlError| Error::Config {
+                place: path.display().to_string(),
+                key: key.to_owned(),
+                message: e.message().to_owned(),
+            })?;
     let (section, name) = key.split_once('.').unwrap_or((key, ""));
     let s = setting(key).ok_or_else(|| Error::Config {
         place: "noa config set".into(),
@@ -518,7 +538,11 @@ mod tests {
         assert_eq!(c.listen().port(), 9100);
         let e = c.entries();
         let src = |k: &str| e.iter().find(|x| x.key == k).unwrap().source.to_string();
-        assert!(src("fs.quota_shared").ends_with("noa.toml:3"), "{}", src("fs.quota_shared"));
+        assert!(
+            src("fs.quota_shared").ends_with("noa.toml:3"),
+            "{}",
+            src("fs.quota_shared")
+        );
         assert_eq!(src("fs.quota_agent"), "env NOA_FS_QUOTA_AGENT");
         assert_eq!(src("server.listen"), "flag --listen");
         assert_eq!(src("log.level"), "default");
@@ -526,37 +550,72 @@ mod tests {
 
     #[test]
     fn bad_files_name_file_line_column_and_key() {
-        let e = load_text("[fs]\nquota_shard = \"1GiB\"\n").unwrap_err().to_string();
-        assert!(e.contains("noa.toml:2:15") && e.contains("fs.quota_shard"), "{e}");
+        let e = load_text("[fs]\nquota_shard = \"1GiB\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("noa.toml:2:15") && e.contains("fs.quota_shard"),
+            "{e}"
+        );
         assert!(e.contains("did you mean `fs.quota_shared`"), "{e}");
-        let e = load_text("[fs]\nquota_shared = \"lots\"\n").unwrap_err().to_string();
-        assert!(e.contains("noa.toml:2:16") && e.contains("is not a size"), "{e}");
-        let e = load_text("[server]\nlisten = 7070\n").unwrap_err().to_string();
-        assert!(e.contains(":2:10") && e.contains("expected a quoted string"), "{e}");
-        let e = load_text("[audit]\ncheckpoint_every = 0\n").unwrap_err().to_string();
+        let e = load_text("[fs]\nquota_shared = \"lots\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("noa.toml:2:16") && e.contains("is not a size"),
+            "{e}"
+        );
+        let e = load_text("[server]\nlisten = 7070\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(":2:10") && e.contains("expected a quoted string"),
+            "{e}"
+        );
+        let e = load_text("[audit]\ncheckpoint_every = 0\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("from 1 to 1000000"), "{e}");
         let e = load_text("[fs\n").unwrap_err().to_string();
-        assert!(e.contains("noa.toml:1:") && e.contains("not valid TOML"), "{e}");
+        assert!(
+            e.contains("noa.toml:1:") && e.contains("not valid TOML"),
+            "{e}"
+        );
         let e = load_text("listen = \"x\"\n").unwrap_err().to_string();
         assert!(e.contains("must be a section"), "{e}");
         let env = |k: &str| (k == "NOA_STORE_KEY").then(|| "usb".to_owned());
         let dir = tempfile::tempdir().unwrap();
         let e = Config::load(dir.path(), &env, &[]).unwrap_err().to_string();
-        assert!(e.contains("environment variable NOA_STORE_KEY") && e.contains("file, passphrase"), "{e}");
+        assert!(
+            e.contains("environment variable NOA_STORE_KEY") && e.contains("file, passphrase"),
+            "{e}"
+        );
     }
 
     #[test]
     fn set_keeps_comments_and_validates() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join(FILE), "# keep me\n[fs]\nquota_run = \"1MiB\" # and me\n").unwrap();
+        std::fs::write(
+            dir.path().join(FILE),
+            "# keep me\n[fs]\nquota_run = \"1MiB\" # and me\n",
+        )
+        .unwrap();
         set(dir.path(), "fs.quota_shared", "3GiB").unwrap();
         set(dir.path(), "audit.checkpoint_every", "50").unwrap();
         let text = std::fs::read_to_string(dir.path().join(FILE)).unwrap();
-        assert!(text.contains("# keep me") && text.contains("# and me"), "{text}");
+        assert!(
+            text.contains("# keep me") && text.contains("# and me"),
+            "{text}"
+        );
         let c = Config::load(dir.path(), &no_env, &[]).unwrap();
         assert_eq!(c.bytes("fs.quota_shared"), 3 << 30);
         assert_eq!(c.count("audit.checkpoint_every"), 50);
-        assert!(set(dir.path(), "fs.nope", "1").unwrap_err().to_string().contains("unknown key"));
+        assert!(
+            set(dir.path(), "fs.nope", "1")
+                .unwrap_err()
+                .to_string()
+                .contains("unknown key")
+        );
         assert!(set(dir.path(), "server.listen", "nowhere").is_err());
     }
 

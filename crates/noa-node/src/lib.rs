@@ -10,6 +10,8 @@ mod error;
 
 pub use config::Config;
 pub use error::{Error, Result};
+/// The store, for commands that work on a data directory without a daemon (backup verify/restore, rekey).
+pub use noa_store as store;
 
 use noa_bus::Bus;
 use noa_kernel::{BuiltinRuntime, Kernel, KernelOptions};
@@ -47,7 +49,8 @@ impl NodeOptions {
             listen.to_string(),
             "--listen".to_owned(),
         )];
-        let config = Config::load(&data_dir, &|_| None, &flags).unwrap_or_else(|_| Config::defaults());
+        let config =
+            Config::load(&data_dir, &|_| None, &flags).unwrap_or_else(|_| Config::defaults());
         NodeOptions {
             data_dir,
             config,
@@ -64,11 +67,13 @@ pub fn store_options(
 ) -> Result<noa_store::StoreOptions> {
     let mut o = noa_store::StoreOptions::for_dir(data_dir);
     if config.uses_passphrase() {
-        let p = passphrase.filter(|p| !p.is_empty()).ok_or_else(|| Error::Config {
-            place: "store.key".into(),
-            key: "store.key".into(),
-            message: "is \"passphrase\" but no passphrase was given: set NOA_PASSPHRASE".into(),
-        })?;
+        let p = passphrase
+            .filter(|p| !p.is_empty())
+            .ok_or_else(|| Error::Config {
+                place: "store.key".into(),
+                key: "store.key".into(),
+                message: "is \"passphrase\" but no passphrase was given: set NOA_PASSPHRASE".into(),
+            })?;
         o.key = noa_store::KeySource::Passphrase(p);
     }
     o.checkpoint_every = config.count("audit.checkpoint_every");
@@ -168,7 +173,11 @@ async fn record_config(store: &Store, config: &Config) -> Result<()> {
             &now.to_string(),
             Some(noa_store::AuditRecord::new(
                 "node",
-                if before.is_none() { "config.init" } else { "config.change" },
+                if before.is_none() {
+                    "config.init"
+                } else {
+                    "config.change"
+                },
                 "noa.toml",
                 "ok",
                 serde_json::Value::Object(changed),

@@ -142,7 +142,10 @@ impl Resource {
     /// A short stable id for records: the process name, subject, path or secret name, or `system`.
     pub fn id(&self) -> &str {
         match self {
-            Resource::Process(n) | Resource::Subject(n) | Resource::File(n) | Resource::Secret(n) => n,
+            Resource::Process(n)
+            | Resource::Subject(n)
+            | Resource::File(n)
+            | Resource::Secret(n) => n,
             Resource::System => "system",
         }
     }

@@ -142,11 +142,7 @@ async fn read_inner(
         other => other?,
     };
     let info = reader.info.clone();
-    let body = stream_body(move |send| {
-        reader
-            .for_each_chunk(|c| send(c))
-            .map_err(|e| e.to_string())
-    });
+    let body = stream_body(move |send| reader.for_each_chunk(send).map_err(|e| e.to_string()));
     let mut res = Response::new(body);
     let h = res.headers_mut();
     h.insert(header::CONTENT_LENGTH, info.size.into());
@@ -223,15 +219,46 @@ async fn write_host(store: &Store, path: &VPath, body: Body) -> ApiResult<u64> {
         .map_err(Into::into)
 }
 
+/// Reads and drops up to 64 MiB of a body that will not be used, so that a client still sending it gets the
+/// error response instead of a broken connection.
+async fn drain(body: Body) {
+    let mut stream = body.into_data_stream();
+    let mut n = 0usize;
+    while let Some(Ok(chunk)) = stream.next().await {
+        n += chunk.len();
+        if n > 64 << 20 {
+            break;
+        }
+    }
+}
+
 pub async fn put(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,
     Path(raw): Path<String>,
     body: Body,
 ) -> ApiResult<Json<Value>> {
-    let path = vpath(Some(&raw))?;
-    check(&state, &p, Action::WriteFile, &path)?;
     let store = state.kernel.store();
+    // Everything that can be refused is checked before the body is read.
+    let checked = vpath(Some(&raw)).and_then(|path| {
+        check(&state, &p, Action::WriteFile, &path)?;
+        match path.namespace() {
+            Namespace::Host { .. } => {
+                store.host_path(&path, true)?;
+            }
+            _ => {
+                path.stored_file()?;
+            }
+        }
+        Ok(path)
+    });
+    let path = match checked {
+        Ok(path) => path,
+        Err(e) => {
+            drain(body).await;
+            return Err(e);
+        }
+    };
     if let Namespace::Host { .. } = path.namespace() {
         let size = write_host(store, &path, body).await?;
         store

@@ -310,7 +310,9 @@ impl ProcessSpec {
             if !env_name_ok(k) {
                 return Err(Error::invalid(
                     "env",
-                    format!("{k:?} is not a valid environment variable name (letters, digits, '_')"),
+                    format!(
+                        "{k:?} is not a valid environment variable name (letters, digits, '_')"
+                    ),
                 ));
             }
             if k.starts_with("NOA_") {
@@ -335,7 +337,9 @@ impl ProcessSpec {
             if !ok {
                 return Err(Error::invalid(
                     "secrets",
-                    format!("{secret:?} is not a secret name (1 to 128 of letters, digits, '_', '.', '-')"),
+                    format!(
+                        "{secret:?} is not a secret name (1 to 128 of letters, digits, '_', '.', '-')"
+                    ),
                 ));
             }
         }

@@ -14,7 +14,9 @@ Environment:
   NOA_ADDR      the daemon's address (default: from <data-dir>/noa.addr, else http://127.0.0.1:7070)
   NOA_DATA_DIR  the data directory (default: ~/.local/share/noa)
   NOA_TOKEN     the bearer token (default: <data-dir>/admin.token)
-  NOA_LOG       log filter for `noa up` (default: info)";
+  NOA_LOG       log filter for `noa up` (default: info; also NOA_LOG_LEVEL)
+  NOA_PASSPHRASE  the store passphrase, when store.key = \"passphrase\"
+  NOA_<KEY>     any setting, e.g. NOA_FS_QUOTA_SHARED=2GiB (see `noa config show --effective`)";
 
 /// NOA ARK OS: an operating system for AI agents, in one binary.
 #[derive(Debug, Parser)]
@@ -49,9 +51,15 @@ pub enum Command {
         after_help = "Example:\n  noa up\n  noa up --listen 127.0.0.1:7171 --data-dir /tmp/noa"
     )]
     Up {
-        /// Where to listen. Loopback by default; another address exposes the API (still behind the token).
-        #[arg(long, default_value = "127.0.0.1:7070")]
-        listen: String,
+        /// Where to listen (setting server.listen; default 127.0.0.1:7070). Another address exposes the API, still behind the token.
+        #[arg(long)]
+        listen: Option<String>,
+        /// Any setting, as KEY=VALUE (repeatable); see `noa config show --effective`.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Read the store passphrase from this file (when store.key = "passphrase"; else NOA_PASSPHRASE).
+        #[arg(long)]
+        passphrase_file: Option<PathBuf>,
     },
     /// Show whether the kernel, store and server are healthy.
     #[command(after_help = "Example:\n  noa status\n  noa status --json")]
@@ -126,6 +134,24 @@ pub enum Command {
         #[arg(short, long)]
         follow: bool,
     },
+    /// Files in the VFS: /agents/<name>, /runs/<id>, /shared, and host folders under /host.
+    #[command(subcommand)]
+    Fs(FsCommand),
+    /// Secrets: encrypted at rest, injected into processes as environment variables, never printed.
+    #[command(subcommand)]
+    Secret(SecretCommand),
+    /// The configuration: defaults, <data-dir>/noa.toml, NOA_* variables and flags.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Backups of the whole store: create (from the running daemon), verify, restore.
+    #[command(subcommand)]
+    Backup(BackupCommand),
+    /// The tamper-evident audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+    /// Store keys (run while the daemon is stopped).
+    #[command(subcommand)]
+    Store(StoreCommand),
     /// Print shell completions.
     #[command(
         after_help = "Example:\n  noa completions bash > /etc/bash_completion.d/noa\n  noa completions zsh > ~/.zfunc/_noa"
@@ -179,6 +205,9 @@ pub struct SpawnArgs {
     /// Subject pattern the process may also subscribe to (repeatable).
     #[arg(long)]
     pub subscribe: Vec<String>,
+    /// A secret as an environment variable, VAR=SECRET_NAME (repeatable); see `noa secret`.
+    #[arg(long = "secret", value_name = "VAR=SECRET")]
+    pub secrets: Vec<String>,
     /// Working directory of the command (default: the current directory).
     #[arg(long)]
     pub cwd: Option<PathBuf>,
@@ -206,4 +235,193 @@ pub struct SpawnArgs {
     /// The command and its arguments, after `--`.
     #[arg(last = true)]
     pub command: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum FsCommand {
+    /// Write a file from a local file, or from standard input with `-`.
+    #[command(
+        after_help = "Examples:\n  noa fs put /shared/notes.md ./notes.md\n  echo hi | noa fs put /shared/x.txt -"
+    )]
+    Put { path: String, source: String },
+    /// Print a file (or an old version of it) to standard output.
+    #[command(
+        disable_version_flag = true,
+        after_help = "Examples:\n  noa fs cat /shared/notes.md\n  noa fs cat /shared/notes.md --version 1 > old.md"
+    )]
+    Cat {
+        path: String,
+        #[arg(long)]
+        version: Option<u64>,
+    },
+    /// List a folder.
+    #[command(after_help = "Examples:\n  noa fs ls\n  noa fs ls /shared\n  noa fs ls /host/docs")]
+    Ls { path: Option<String> },
+    /// Delete a file (its history stays and it can be rolled back).
+    #[command(after_help = "Example:\n  noa fs rm /shared/old.md")]
+    Rm { path: String },
+    /// Every version of a file.
+    #[command(after_help = "Example:\n  noa fs history /shared/notes.md")]
+    History { path: String },
+    /// Make the contents of an old version current again (as a new version).
+    #[command(after_help = "Example:\n  noa fs rollback /shared/notes.md --to 1")]
+    Rollback {
+        path: String,
+        #[arg(long)]
+        to: u64,
+    },
+    /// Several changes that commit together or not at all.
+    #[command(
+        after_help = "Example:\n  noa fs txn --put /shared/a.md=./a.md --put /shared/b.md=./b.md --rm /shared/old.md"
+    )]
+    Txn {
+        /// DEST=LOCAL_FILE (repeatable).
+        #[arg(long = "put", value_name = "DEST=SRC")]
+        puts: Vec<String>,
+        /// A file to delete (repeatable).
+        #[arg(long = "rm", value_name = "PATH")]
+        rms: Vec<String>,
+        /// PATH=VERSION (repeatable).
+        #[arg(long = "rollback", value_name = "PATH=VERSION")]
+        rollbacks: Vec<String>,
+    },
+    /// Mount a host folder at /host/<name>.
+    #[command(after_help = "Example:\n  noa fs mount /host/docs ~/docs --read-only")]
+    Mount {
+        /// Where: /host/<name>.
+        at: String,
+        /// The host folder.
+        host_path: PathBuf,
+        #[arg(long)]
+        read_only: bool,
+    },
+    /// Remove a host mount (the host folder is untouched).
+    #[command(after_help = "Example:\n  noa fs unmount /host/docs")]
+    Unmount { at: String },
+    /// Host mounts.
+    #[command(after_help = "Example:\n  noa fs mounts")]
+    Mounts,
+    /// Bytes used and quota per namespace.
+    #[command(after_help = "Example:\n  noa fs usage")]
+    Usage,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SecretCommand {
+    /// Set a secret; the value is read from standard input (hidden when typed at a terminal).
+    #[command(
+        after_help = "Examples:\n  noa secret set openai_key\n  printf %s \"$KEY\" | noa secret set openai_key\n  noa spawn --name bot --secret OPENAI_API_KEY=openai_key -- ./bot"
+    )]
+    Set {
+        name: String,
+        /// Read the value from this file instead of standard input.
+        #[arg(long)]
+        from_file: Option<PathBuf>,
+    },
+    /// Secret names and when each was set (never values).
+    #[command(after_help = "Example:\n  noa secret list")]
+    List,
+    /// Delete a secret.
+    #[command(after_help = "Example:\n  noa secret rm openai_key")]
+    Rm { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Settings set in noa.toml; with --effective, every setting with its value and source
+    /// (the running daemon's, flags included, when one runs on this data directory).
+    #[command(
+        after_help = "Examples:\n  noa config show\n  noa config show --effective\n  noa config show --effective --json"
+    )]
+    Show {
+        #[arg(long)]
+        effective: bool,
+    },
+    /// Write a setting to <data-dir>/noa.toml (comments and layout are kept); it applies at the next `noa up`.
+    #[command(
+        after_help = "Examples:\n  noa config set fs.quota_shared 2GiB\n  noa config set server.listen 0.0.0.0:7070"
+    )]
+    Set { key: String, value: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BackupCommand {
+    /// A consistent backup of the running daemon, taken while it keeps working.
+    #[command(
+        after_help = "Examples:\n  noa backup create --out nightly.noabak\n  noa backup create --out full.noabak --include-keys"
+    )]
+    Create {
+        #[arg(long)]
+        out: PathBuf,
+        /// Put store.key and node.key in the archive too (then the archive alone can decrypt the data).
+        #[arg(long)]
+        include_keys: bool,
+    },
+    /// Check every hash in an archive and the database inside it.
+    #[command(after_help = "Example:\n  noa backup verify nightly.noabak")]
+    Verify { archive: PathBuf },
+    /// Restore an archive into a new or empty data directory (given with --data-dir).
+    #[command(
+        after_help = "Example:\n  noa backup restore nightly.noabak --data-dir /tmp/restored && noa up --data-dir /tmp/restored"
+    )]
+    Restore {
+        archive: PathBuf,
+        /// The store key of the backed-up data directory, when the archive has none
+        /// (default: store.key of NOA_DATA_DIR or ~/.local/share/noa).
+        #[arg(long)]
+        key_file: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// The newest audit records; with -f, new ones as they are written.
+    #[command(
+        after_help = "Examples:\n  noa audit tail\n  noa audit tail -n 20 --action 'fs.*'\n  noa audit tail --principal user:admin --since 1h -f"
+    )]
+    Tail {
+        #[arg(short = 'n', long, default_value_t = 50)]
+        lines: u32,
+        #[arg(short, long)]
+        follow: bool,
+        #[command(flatten)]
+        filter: AuditFilter,
+    },
+    /// Recompute the hash chain and check the signed checkpoints.
+    #[command(after_help = "Example:\n  noa audit verify")]
+    Verify,
+    /// Every matching record as JSON lines.
+    #[command(
+        after_help = "Example:\n  noa audit export --action 'secret.*' > secrets-audit.jsonl"
+    )]
+    Export {
+        #[command(flatten)]
+        filter: AuditFilter,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct AuditFilter {
+    /// Only this principal, e.g. user:admin or agent:bot.
+    #[arg(long)]
+    pub principal: Option<String>,
+    /// Only this action, or a prefix ending in * (fs.*).
+    #[arg(long)]
+    pub action: Option<String>,
+    /// Only records newer than this (e.g. 10m, 24h).
+    #[arg(long)]
+    pub since: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum StoreCommand {
+    /// Wrap the data key with a new key (a new key file, or a passphrase from NOA_PASSPHRASE); no file is rewritten.
+    #[command(
+        after_help = "Examples:\n  noa store rekey\n  NOA_PASSPHRASE='new secret' noa store rekey --to passphrase\n  noa store rekey --to file"
+    )]
+    Rekey {
+        /// file (a new store.key) or passphrase (NOA_PASSPHRASE); default: the kind in use.
+        #[arg(long)]
+        to: Option<String>,
+    },
 }

@@ -1,7 +1,7 @@
 //! The CLI's HTTP client: finds the daemon and its token, sends requests, reads replies and event streams.
 
 use serde_json::Value;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -175,6 +175,60 @@ impl Client {
         }
         .map_err(|e| self.unreachable(e))?;
         self.finish(resp)
+    }
+
+    pub fn put_json(&self, path: &str, body: &Value) -> CliResult<Value> {
+        let resp = self
+            .agent
+            .put(format!("{}{path}", self.base))
+            .header("Authorization", format!("Bearer {}", self.token()?))
+            .send_json(body)
+            .map_err(|e| self.unreachable(e))?;
+        self.finish(resp)
+    }
+
+    pub fn delete(&self, path: &str) -> CliResult<Value> {
+        let resp = self
+            .agent
+            .delete(format!("{}{path}", self.base))
+            .header("Authorization", format!("Bearer {}", self.token()?))
+            .call()
+            .map_err(|e| self.unreachable(e))?;
+        self.finish(resp)
+    }
+
+    /// Uploads a body streamed from `reader` (no overall timeout).
+    pub fn put_stream(&self, path: &str, reader: &mut dyn Read) -> CliResult<Value> {
+        let resp = self
+            .stream_agent
+            .put(format!("{}{path}", self.base))
+            .header("Authorization", format!("Bearer {}", self.token()?))
+            .header("Content-Type", "application/octet-stream")
+            .send(ureq::SendBody::from_reader(reader))
+            .map_err(|e| self.unreachable(e))?;
+        self.finish(resp)
+    }
+
+    /// Starts a download; returns the response headers and a reader of the body (no size limit, no timeout).
+    pub fn download(
+        &self,
+        path: &str,
+    ) -> CliResult<(ureq::http::HeaderMap, Box<dyn Read + Send + Sync + 'static>)> {
+        let resp = self
+            .stream_agent
+            .get(format!("{}{path}", self.base))
+            .header("Authorization", format!("Bearer {}", self.token()?))
+            .call()
+            .map_err(|e| self.unreachable(e))?;
+        if !resp.status().is_success() {
+            return Err(self
+                .finish(resp)
+                .err()
+                .unwrap_or_else(|| CliError::failed("the download failed")));
+        }
+        let headers = resp.headers().clone();
+        let reader = resp.into_body().into_with_config().limit(u64::MAX).reader();
+        Ok((headers, Box::new(reader)))
     }
 
     /// Health check without a token.

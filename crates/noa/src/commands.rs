@@ -1,6 +1,6 @@
 //! Runs each command: `up` starts a node in this process; every other command is a client of a running one.
 
-use crate::cli::{Cli, Command, MessageArgs, SpawnArgs};
+use crate::cli::{BackupCommand, Cli, Command, MessageArgs, SpawnArgs};
 use crate::client::{CliError, CliResult, Client, encode};
 use crate::output::{bytes, duration_ms, table, timestamp};
 use serde_json::{Map, Value, json};
@@ -14,8 +14,31 @@ pub fn run(cli: Cli) -> CliResult<()> {
         .clone()
         .unwrap_or_else(noa_node::default_data_dir);
     let json_out = cli.global.json;
-    if let Command::Up { listen } = &cli.command {
-        return up(&data_dir, listen, json_out);
+    if let Command::Up {
+        listen,
+        set,
+        passphrase_file,
+    } = &cli.command
+    {
+        return up(
+            &data_dir,
+            listen.as_deref(),
+            set,
+            passphrase_file.as_deref(),
+            json_out,
+        );
+    }
+    // Commands that work on the data directory itself, without a daemon.
+    match &cli.command {
+        Command::Config(c) => {
+            let client = Client::new(cli.global.addr.clone(), cli.global.token.clone(), &data_dir);
+            return crate::trust::config(&data_dir, &client, c, json_out);
+        }
+        Command::Store(c) => return crate::trust::store(&data_dir, c, json_out),
+        Command::Backup(c @ (BackupCommand::Verify { .. } | BackupCommand::Restore { .. })) => {
+            return crate::trust::backup_offline(&data_dir, c, json_out);
+        }
+        _ => {}
     }
     if let Command::Completions { shell } = cli.command {
         let mut cmd = <Cli as clap::CommandFactory>::command();
@@ -24,7 +47,17 @@ pub fn run(cli: Cli) -> CliResult<()> {
     }
     let client = Client::new(cli.global.addr.clone(), cli.global.token.clone(), &data_dir);
     match cli.command {
-        Command::Up { .. } | Command::Completions { .. } => unreachable!("handled above"),
+        Command::Up { .. }
+        | Command::Completions { .. }
+        | Command::Config(_)
+        | Command::Store(_)
+        | Command::Backup(BackupCommand::Verify { .. } | BackupCommand::Restore { .. }) => {
+            unreachable!("handled above")
+        }
+        Command::Fs(c) => crate::trust::fs(&client, c, json_out),
+        Command::Secret(c) => crate::trust::secret(&client, c, json_out),
+        Command::Backup(c) => crate::trust::backup_create(&client, c, json_out),
+        Command::Audit(c) => crate::trust::audit(&client, c, json_out),
         Command::Status => status(&client, json_out),
         Command::Spawn(args) => spawn(&client, args, json_out),
         Command::Ps => ps(&client, json_out),
@@ -63,13 +96,33 @@ pub fn run(cli: Cli) -> CliResult<()> {
     }
 }
 
-fn up(data_dir: &std::path::Path, listen: &str, json_out: bool) -> CliResult<()> {
-    let listen: std::net::SocketAddr = listen.parse().map_err(|_| {
-        CliError::failed(format!(
-            "--listen {listen:?} is not an address; write e.g. 127.0.0.1:7070"
-        ))
-    })?;
-    let filter = std::env::var("NOA_LOG").unwrap_or_else(|_| "info".into());
+fn up(
+    data_dir: &std::path::Path,
+    listen: Option<&str>,
+    set: &[String],
+    passphrase_file: Option<&std::path::Path>,
+    json_out: bool,
+) -> CliResult<()> {
+    let mut flags = Vec::new();
+    if let Some(l) = listen {
+        flags.push((
+            "server.listen".to_owned(),
+            l.to_owned(),
+            "--listen".to_owned(),
+        ));
+    }
+    for kv in set {
+        let (k, v) = kv.split_once('=').ok_or_else(|| {
+            CliError::failed(format!(
+                "--set {kv:?} must be KEY=VALUE, e.g. fs.quota_shared=2GiB"
+            ))
+        })?;
+        flags.push((k.to_owned(), v.to_owned(), format!("--set {k}")));
+    }
+    let config = noa_node::Config::load(data_dir, &|k| std::env::var(k).ok(), &flags)
+        .map_err(|e| CliError::failed(e.to_string()))?;
+    let passphrase = crate::trust::passphrase(passphrase_file)?;
+    let filter = config.log_level().to_owned();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_new(&filter)
@@ -83,7 +136,7 @@ fn up(data_dir: &std::path::Path, listen: &str, json_out: bool) -> CliResult<()>
         .build()
         .map_err(|e| CliError::failed(format!("cannot start the runtime: {e}")))?;
     runtime.block_on(async {
-        let node = noa_node::Node::start(noa_node::NodeOptions { data_dir: data_dir.to_owned(), listen }).await.map_err(|e| CliError::failed(e.to_string()))?;
+        let node = noa_node::Node::start(noa_node::NodeOptions { data_dir: data_dir.to_owned(), config, passphrase }).await.map_err(|e| CliError::failed(e.to_string()))?;
         let addr = node.local_addr();
         let ms = node.startup_time().as_secs_f64() * 1000.0;
         if json_out {
@@ -227,6 +280,13 @@ fn spawn(client: &Client, a: Box<SpawnArgs>, json_out: bool) -> CliResult<()> {
             .ok_or_else(|| CliError::failed(format!("--env {kv:?} must be NAME=VALUE")))?;
         env.insert(k.to_owned(), v.to_owned());
     }
+    let mut secrets = BTreeMap::new();
+    for kv in &a.secrets {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| CliError::failed(format!("--secret {kv:?} must be VAR=SECRET_NAME")))?;
+        secrets.insert(k.to_owned(), v.to_owned());
+    }
     let limits = json!({
         "memory_bytes": a.memory.as_deref().map(parse_size).transpose()?,
         "cpu_seconds": a.cpu,
@@ -235,7 +295,7 @@ fn spawn(client: &Client, a: Box<SpawnArgs>, json_out: bool) -> CliResult<()> {
         "stop_grace_ms": ms("grace", &a.grace)?,
     });
     let mut spec = json!({
-        "name": a.name, "env": env, "limits": limits, "publish": a.publish, "subscribe": a.subscribe, "parent": a.parent,
+        "name": a.name, "env": env, "secrets": secrets, "limits": limits, "publish": a.publish, "subscribe": a.subscribe, "parent": a.parent,
     });
     if a.supervisor {
         if !a.command.is_empty() {

@@ -19,6 +19,8 @@ pub fn repo_root() -> PathBuf {
 pub struct Daemon {
     pub child: Option<Child>,
     pub dir: PathBuf,
+    /// More arguments for `noa up`.
+    pub up_args: Vec<String>,
     _tmp: Option<tempfile::TempDir>,
 }
 
@@ -29,7 +31,20 @@ impl Daemon {
         let mut d = Daemon {
             child: None,
             dir,
+            up_args: Vec::new(),
             _tmp: Some(tmp),
+        };
+        d.launch();
+        d
+    }
+
+    /// A daemon on an existing data directory (not removed afterwards).
+    pub fn start_in(dir: &Path) -> Daemon {
+        let mut d = Daemon {
+            child: None,
+            dir: dir.to_owned(),
+            up_args: Vec::new(),
+            _tmp: None,
         };
         d.launch();
         d
@@ -41,6 +56,7 @@ impl Daemon {
         let child = Command::new(noa_bin())
             .args(["up", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(&self.dir)
+            .args(&self.up_args)
             .env("NOA_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
