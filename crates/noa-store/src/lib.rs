@@ -172,8 +172,15 @@ impl Store {
             },
         )?;
         let dir = path.parent().unwrap_or(Path::new(".")).to_owned();
-        // Blobs staged by a writer that crashed before finishing are garbage.
+        // Blobs staged by a writer, and snapshots staged by a backup, that crashed before finishing are garbage.
         let _ = std::fs::remove_dir_all(dir.join("blobs").join("tmp"));
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy().starts_with(".backup-") {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
         Ok(Store {
             inner: Arc::new(Inner {
                 path: path.to_owned(),

@@ -166,9 +166,145 @@ pub struct StagedBlob {
     pub(crate) inline: Option<Vec<u8>>,
 }
 
+/// A file writer that starts the disk flush early: every 32 MiB a background thread asks the kernel to
+/// write what it has (`fdatasync` on a second handle), so the final fsync has little left to do.
+struct WriteBehind {
+    file: std::fs::File,
+    written: u64,
+    flushed_at: u64,
+    kick: Option<std::sync::mpsc::SyncSender<()>>,
+    flusher: Option<std::thread::JoinHandle<()>>,
+}
+
+const WRITE_BEHIND_EVERY: u64 = 32 << 20;
+
+impl WriteBehind {
+    fn new(file: std::fs::File) -> WriteBehind {
+        WriteBehind {
+            file,
+            written: 0,
+            flushed_at: 0,
+            kick: None,
+            flusher: None,
+        }
+    }
+
+    fn start_flusher(&mut self) {
+        let Ok(twin) = self.file.try_clone() else {
+            return;
+        };
+        let (tx, rx) = std::sync::mpsc::sync_channel::<()>(1);
+        self.kick = Some(tx);
+        self.flusher = std::thread::Builder::new()
+            .name("noa-blob-flush".into())
+            .spawn(move || {
+                while rx.recv().is_ok() {
+                    let _ = twin.sync_data();
+                }
+            })
+            .ok();
+    }
+
+    /// Makes everything durable and returns the file.
+    fn finish(mut self) -> std::io::Result<std::fs::File> {
+        self.kick = None;
+        if let Some(f) = self.flusher.take() {
+            let _ = f.join();
+        }
+        self.file.sync_all()?;
+        Ok(self.file)
+    }
+}
+
+impl Write for WriteBehind {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.file.write(buf)?;
+        self.written += n as u64;
+        if self.written - self.flushed_at >= WRITE_BEHIND_EVERY {
+            self.flushed_at = self.written;
+            if self.kick.is_none() {
+                self.start_flusher();
+            }
+            if let Some(k) = &self.kick {
+                // Full means a flush is already under way: it will cover this too.
+                let _ = k.try_send(());
+            }
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+}
+
+/// A reader that reads ahead on its own thread, so that reading the disk overlaps decryption.
+struct ReadAhead {
+    rx: std::sync::mpsc::Receiver<std::io::Result<Vec<u8>>>,
+    current: Vec<u8>,
+    at: usize,
+}
+
+impl ReadAhead {
+    fn new(mut file: std::fs::File) -> ReadAhead {
+        let (tx, rx) = std::sync::mpsc::sync_channel(4);
+        let _ = std::thread::Builder::new()
+            .name("noa-blob-read".into())
+            .spawn(move || {
+                loop {
+                    let mut block = vec![0u8; 1 << 20];
+                    let mut n = 0;
+                    let result = loop {
+                        match std::io::Read::read(&mut file, &mut block[n..]) {
+                            Ok(0) => break Ok(()),
+                            Ok(k) => {
+                                n += k;
+                                if n == block.len() {
+                                    break Ok(());
+                                }
+                            }
+                            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                            Err(e) => break Err(e),
+                        }
+                    };
+                    block.truncate(n);
+                    let end = n == 0 || result.is_err();
+                    let msg = result.map(|_| block);
+                    if tx.send(msg).is_err() || end {
+                        return;
+                    }
+                }
+            });
+        ReadAhead {
+            rx,
+            current: Vec::new(),
+            at: 0,
+        }
+    }
+}
+
+impl std::io::Read for ReadAhead {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.at == self.current.len() {
+            match self.rx.recv() {
+                Ok(Ok(block)) => {
+                    self.current = block;
+                    self.at = 0;
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.current.len() - self.at);
+        buf[..n].copy_from_slice(&self.current[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+}
+
 /// Streams plaintext into an encrypted blob. Small blobs end up inline in the database.
 pub struct BlobWriter<'k> {
-    sealer: BlobSealer<'k, std::io::BufWriter<std::fs::File>>,
+    sealer: BlobSealer<'k, std::io::BufWriter<WriteBehind>>,
     tmp: PathBuf,
     blobs_dir: PathBuf,
 }
@@ -182,7 +318,10 @@ impl<'k> BlobWriter<'k> {
         let tmp = tmp_dir.join(crate::crypto::hex(&name));
         let file = std::fs::File::create(&tmp).map_err(Error::BlobIo)?;
         Ok(BlobWriter {
-            sealer: BlobSealer::new(key, std::io::BufWriter::with_capacity(256 << 10, file))?,
+            sealer: BlobSealer::new(
+                key,
+                std::io::BufWriter::with_capacity(1 << 20, WriteBehind::new(file)),
+            )?,
             tmp,
             blobs_dir: blobs_dir.to_owned(),
         })
@@ -206,7 +345,7 @@ impl<'k> BlobWriter<'k> {
                 .into_inner()
                 .map_err(|e| Error::BlobIo(e.into_error()))?;
             if single {
-                drop(file);
+                drop(file.file);
                 let sealed = std::fs::read(&tmp).map_err(Error::BlobIo)?;
                 let _ = std::fs::remove_file(&tmp);
                 return Ok(StagedBlob {
@@ -220,8 +359,7 @@ impl<'k> BlobWriter<'k> {
                 // Same contents already stored: deduplicated.
                 let _ = std::fs::remove_file(&tmp);
             } else {
-                file.sync_all().map_err(Error::BlobIo)?;
-                drop(file);
+                drop(file.finish().map_err(Error::BlobIo)?);
                 let dir = dest.parent().unwrap_or(&blobs_dir);
                 std::fs::create_dir_all(dir).map_err(Error::BlobIo)?;
                 std::fs::rename(&tmp, &dest).map_err(Error::BlobIo)?;
@@ -544,11 +682,7 @@ impl FileReader {
                     what: what.clone(),
                     message: format!("its blob file {} cannot be read: {e}", p.display()),
                 })?;
-                let mut o = BlobOpener::new(
-                    &self.key,
-                    std::io::BufReader::with_capacity(256 << 10, f),
-                    &what,
-                )?;
+                let mut o = BlobOpener::new(&self.key, ReadAhead::new(f), &what)?;
                 while let Some(c) = o.next_chunk()? {
                     if each(c).is_err() {
                         break;

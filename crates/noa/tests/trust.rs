@@ -431,3 +431,52 @@ fn rekey_while_stopped() {
             .contains("store.rekey")
     );
 }
+
+#[test]
+fn crash_during_backup_leaves_a_working_store() {
+    let mut d = Daemon::start();
+    let big: Vec<u8> = (0..40_000_000u32).map(|i| (i % 241) as u8).collect();
+    let o = noa_stdin(&d, &["fs", "put", "/shared/big.bin", "-"], &big);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = tempfile::tempdir().unwrap();
+    let archive = out.path().join("b.noabak");
+    let mut backup = Command::new(noa_bin())
+        .args(["backup", "create", "--out", archive.to_str().unwrap()])
+        .env("NOA_DATA_DIR", &d.dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Kill the daemon as soon as the backup has started staging its snapshot.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::time::Instant::now() < deadline
+        && !std::fs::read_dir(&d.dir)
+            .unwrap()
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with(".backup-"))
+    {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    d.signal("-KILL");
+    let o = backup.wait_with_output().unwrap();
+    assert!(!o.status.success(), "a backup cut short must fail");
+    assert!(
+        !archive.exists(),
+        "no partial archive may look like a backup"
+    );
+    d.launch();
+    assert!(d.ok(&["audit", "verify"]).contains("chain intact"));
+    assert!(d.noa(&["fs", "cat", "/shared/big.bin"]).stdout == big);
+    assert!(
+        !std::fs::read_dir(&d.dir)
+            .unwrap()
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with(".backup-")),
+        "the staged snapshot is cleaned up at start"
+    );
+    d.ok(&["backup", "create", "--out", archive.to_str().unwrap()]);
+    assert!(
+        d.ok(&["backup", "verify", archive.to_str().unwrap()])
+            .starts_with("ok: ")
+    );
+}
