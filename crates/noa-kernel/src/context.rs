@@ -247,6 +247,121 @@ impl Syscalls {
         Ok(sid)
     }
 
+    /// Checks a VFS access by this process against the policy (its own `/agents/<name>`, `/shared`, or what
+    /// the policy grants).
+    fn fs_check(&self, action: Action, path: &str) -> Result<noa_store::VPath> {
+        let vpath = noa_store::VPath::parse(path)?;
+        self.inner.kernel.authorize(
+            &self.principal(),
+            action,
+            &Resource::File(vpath.to_string()),
+            false,
+        )?;
+        Ok(vpath)
+    }
+
+    /// Reads a file (at most `max` bytes) as this process.
+    pub fn fs_read(
+        &self,
+        path: &str,
+        version: Option<u64>,
+        max: u64,
+    ) -> Result<(noa_store::FileInfo, Vec<u8>)> {
+        let vpath = self.fs_check(Action::ReadFile, path)?;
+        let store = &self.inner.kernel.inner.store;
+        let too_big = |size: u64| {
+            Error::Invalid(noa_types::Error::invalid(
+                "path",
+                format!("{vpath} is {size} bytes; one call carries at most {max}"),
+            ))
+        };
+        if let noa_store::Namespace::Host { .. } = vpath.namespace() {
+            let host = store.host_path(&vpath, false)?;
+            let meta = std::fs::metadata(&host).map_err(|_| noa_store::Error::NotFound {
+                path: vpath.to_string(),
+            })?;
+            if meta.len() > max {
+                return Err(too_big(meta.len()));
+            }
+            let data = std::fs::read(&host).map_err(|e| noa_store::Error::Host {
+                path: vpath.to_string(),
+                message: e.to_string(),
+            })?;
+            let info = noa_store::FileInfo {
+                path: vpath.to_string(),
+                version: 0,
+                size: data.len() as u64,
+                mtime_ms: 0,
+                op: "host".into(),
+                principal: String::new(),
+            };
+            return Ok((info, data));
+        }
+        let reader = store.fs_open(&vpath, version)?;
+        if reader.info.size > max {
+            return Err(too_big(reader.info.size));
+        }
+        let info = reader.info.clone();
+        Ok((info, reader.read_all()?))
+    }
+
+    /// Writes a whole file as this process: a new version, encrypted, audited.
+    pub async fn fs_write(&self, path: &str, data: &[u8]) -> Result<noa_store::FileInfo> {
+        let vpath = self.fs_check(Action::WriteFile, path)?;
+        let store = &self.inner.kernel.inner.store;
+        if let noa_store::Namespace::Host { .. } = vpath.namespace() {
+            let host = store.host_path(&vpath, true)?;
+            let tmp = host.with_extension("noa-tmp");
+            std::fs::write(&tmp, data)
+                .and_then(|_| std::fs::rename(&tmp, &host))
+                .map_err(|e| noa_store::Error::Host {
+                    path: vpath.to_string(),
+                    message: e.to_string(),
+                })?;
+            store
+                .audit_durable(noa_store::AuditRecord::new(
+                    self.principal().id(),
+                    "fs.write",
+                    vpath.to_string(),
+                    "ok",
+                    serde_json::json!({ "size": data.len(), "host": true }),
+                ))
+                .await?;
+            return Ok(noa_store::FileInfo {
+                path: vpath.to_string(),
+                version: 0,
+                size: data.len() as u64,
+                mtime_ms: noa_types::now_ms(),
+                op: "write".into(),
+                principal: self.principal().id(),
+            });
+        }
+        Ok(store.fs_write(&self.principal().id(), &vpath, data).await?)
+    }
+
+    /// Deletes a stored file as this process (its history stays).
+    pub async fn fs_delete(&self, path: &str) -> Result<noa_store::FileInfo> {
+        let vpath = self.fs_check(Action::WriteFile, path)?;
+        let file = vpath.stored_file()?.to_owned();
+        let mut infos = self
+            .inner
+            .kernel
+            .inner
+            .store
+            .fs_commit(
+                &self.principal().id(),
+                vec![noa_store::FsOp::Delete { path: file }],
+            )
+            .await?;
+        Ok(infos.remove(0))
+    }
+
+    /// Lists a folder as this process.
+    pub fn fs_list(&self, path: &str) -> Result<Vec<noa_store::DirEntry>> {
+        let vpath = self.fs_check(Action::ReadFile, path)?;
+        Ok(self.inner.kernel.inner.store.fs_list(&vpath)?)
+    }
+
     /// Removes one of this process's own subscriptions.
     pub fn unsubscribe(&self, sid: SubId) -> Result<()> {
         let mut subs = self.inner.subs.lock();

@@ -158,9 +158,18 @@ struct Session {
     failure: Option<String>,
 }
 
+/// The most bytes one `fs.read` or `fs.write` carries: its line, base64 included, stays under the line limit.
+const FS_MAX: u64 = 512 * 1024;
+
 fn kernel_error_code(e: &noa_kernel::Error) -> i64 {
     match e {
         noa_kernel::Error::Policy(_) => code::DENIED,
+        noa_kernel::Error::Store(
+            noa_store::Error::Path { .. }
+            | noa_store::Error::NotFound { .. }
+            | noa_store::Error::NoVersion { .. }
+            | noa_store::Error::NoMount { .. },
+        ) => code::INVALID_PARAMS,
         noa_kernel::Error::Invalid(_)
         | noa_kernel::Error::Bus(
             noa_bus::Error::InvalidSubject { .. } | noa_bus::Error::InvalidHeader { .. },
@@ -397,6 +406,58 @@ impl Session {
                     .map(|_| json!({}))
                     .map_err(|e| (code::INVALID_PARAMS, e.to_string())),
             },
+            "fs.read" => match str_param(&params, "path") {
+                Err(e) => Err((code::INVALID_PARAMS, e)),
+                Ok(path) => {
+                    let version = params.get("version").and_then(Value::as_u64);
+                    self.sys
+                        .fs_read(path, version, FS_MAX)
+                        .map(|(info, data)| {
+                            let mut r = Map::new();
+                            r.insert("path".into(), json!(info.path));
+                            r.insert("version".into(), json!(info.version));
+                            r.insert("size".into(), json!(info.size));
+                            protocol::put_payload(&mut r, &data);
+                            Value::Object(r)
+                        })
+                        .map_err(|e| (kernel_error_code(&e), e.to_string()))
+                }
+            },
+            "fs.write" => {
+                let parsed = str_param(&params, "path")
+                    .map(str::to_owned)
+                    .and_then(|p| protocol::take_payload(&params).map(|d| (p, d)));
+                match parsed {
+                    Err(e) => Err((code::INVALID_PARAMS, e)),
+                    Ok((_, data)) if data.len() as u64 > FS_MAX => Err((
+                        code::INVALID_PARAMS,
+                        format!("the contents are {} bytes; one call carries at most {FS_MAX}", data.len()),
+                    )),
+                    Ok((path, data)) => self
+                        .sys
+                        .fs_write(&path, &data)
+                        .await
+                        .map(|info| json!({ "path": info.path, "version": info.version, "size": info.size }))
+                        .map_err(|e| (kernel_error_code(&e), e.to_string())),
+                }
+            }
+            "fs.delete" => match str_param(&params, "path") {
+                Err(e) => Err((code::INVALID_PARAMS, e)),
+                Ok(path) => self
+                    .sys
+                    .fs_delete(path)
+                    .await
+                    .map(|info| json!({ "path": info.path, "version": info.version }))
+                    .map_err(|e| (kernel_error_code(&e), e.to_string())),
+            },
+            "fs.list" => match str_param(&params, "path") {
+                Err(e) => Err((code::INVALID_PARAMS, e)),
+                Ok(path) => self
+                    .sys
+                    .fs_list(path)
+                    .map(|entries| json!({ "entries": entries }))
+                    .map_err(|e| (kernel_error_code(&e), e.to_string())),
+            },
             "log" => {
                 let level = params
                     .get("level")
@@ -416,7 +477,7 @@ impl Session {
                 Err((
                     code::METHOD_NOT_FOUND,
                     format!(
-                        "{what}; the methods are publish, request, subscribe, unsubscribe, log"
+                        "{what}; the methods are publish, request, subscribe, unsubscribe, log, fs.read, fs.write, fs.delete, fs.list"
                     ),
                 ))
             }

@@ -559,3 +559,89 @@ async fn agents_cannot_publish_into_reply_inboxes() {
     let r = f.ask("p", json!({"cmd": "call", "method": "publish", "params": {"subject": "_INBOX.123.4", "data": "forged"}})).await.unwrap();
     assert_eq!(r["error"]["code"], -32001, "{r}");
 }
+
+#[tokio::test]
+async fn agents_keep_files_in_their_folder_and_in_shared() {
+    let f = fixture();
+    f.kernel
+        .spawn(&admin(), spec("p", &probe(), &[]))
+        .await
+        .unwrap();
+    f.running("p").await;
+    let call =
+        |method: &str, params: Value| json!({"cmd": "call", "method": method, "params": params});
+    let r = f
+        .ask(
+            "p",
+            call(
+                "fs.write",
+                json!({"path": "/agents/p/notes.md", "text": "mine"}),
+            ),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r["result"]["version"], 1, "{r}");
+    let r = f
+        .ask("p", call("fs.read", json!({"path": "/agents/p/notes.md"})))
+        .await
+        .unwrap();
+    assert_eq!(r["result"]["text"], "mine", "{r}");
+    let r = f
+        .ask(
+            "p",
+            call(
+                "fs.write",
+                json!({"path": "/shared/board.md", "data": {"k": 1}}),
+            ),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r["result"]["version"], 1, "{r}");
+    let r = f
+        .ask("p", call("fs.list", json!({"path": "/agents/p"})))
+        .await
+        .unwrap();
+    assert_eq!(r["result"]["entries"][0]["name"], "notes.md", "{r}");
+    // Another agent's folder, host mounts and bad paths are refused.
+    for (params, code) in [
+        (json!({"path": "/agents/other/x", "text": "no"}), -32001),
+        (json!({"path": "/host/any/x", "text": "no"}), -32001),
+        (
+            json!({"path": "/agents/p/../other/x", "text": "no"}),
+            -32602,
+        ),
+    ] {
+        let r = f.ask("p", call("fs.write", params.clone())).await.unwrap();
+        assert_eq!(r["error"]["code"], code, "{params}: {r}");
+    }
+    let r = f
+        .ask("p", call("fs.read", json!({"path": "/agents/p/missing"})))
+        .await
+        .unwrap();
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no such file"),
+        "{r}"
+    );
+    // What the agent wrote is stored, versioned and audited under its name.
+    let store = f.kernel.store();
+    let h = store
+        .fs_history(&noa_store::VPath::parse("/agents/p/notes.md").unwrap())
+        .unwrap();
+    assert_eq!(h[0].principal, "agent:p");
+    store.flush().await.unwrap();
+    let denied = store
+        .audit_query(&noa_store::AuditQuery {
+            action: Some("policy.deny".into()),
+            ..Default::default()
+        })
+        .unwrap();
+    assert!(
+        denied
+            .iter()
+            .any(|a| a.principal == "agent:p" && a.resource == "/agents/other/x"),
+        "{denied:?}"
+    );
+}

@@ -42,7 +42,10 @@ fn layers_only_point_down() {
             "noa-kernel",
             &["noa-types", "noa-bus", "noa-store", "noa-policy"],
         ),
-        ("noa-sandbox", &["noa-types", "noa-bus", "noa-kernel"]),
+        (
+            "noa-sandbox",
+            &["noa-types", "noa-bus", "noa-store", "noa-kernel"],
+        ),
         (
             "noa-server",
             &[
