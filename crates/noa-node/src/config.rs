@@ -619,6 +619,22 @@ mod tests {
         assert!(set(dir.path(), "server.listen", "nowhere").is_err());
     }
 
+    #[test]
+    fn every_setting_is_documented() {
+        let doc = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/configuration.md"),
+        )
+        .unwrap();
+        for s in SETTINGS {
+            assert!(
+                doc.contains(&format!("| `{}` |", s.key)),
+                "docs/configuration.md lacks {}",
+                s.key
+            );
+            assert!(doc.contains(&format!("`{}`", s.default)) || doc.contains(s.default));
+        }
+    }
+
     proptest! {
         #[test]
         fn any_file_text_is_an_error_or_a_config(text in "\\PC{0,80}") {

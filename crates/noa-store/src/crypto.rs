@@ -317,31 +317,40 @@ impl<'k, W: Write> BlobSealer<'k, W> {
         let first = self.index;
         let hasher = &mut self.hasher;
         // The content hash runs on a second core while this one encrypts.
-        let parallel = n >= 4 * CHUNK;
-        let sealed: Result<Vec<Vec<u8>>> = std::thread::scope(|scope| {
-            let hashing = if parallel {
-                Some(scope.spawn(|| {
-                    hasher.update(head);
-                }))
-            } else {
-                hasher.update(head);
-                None
-            };
-            let sealed = head
+        let seal = |from: usize, chunks: &[u8]| -> Result<Vec<Vec<u8>>> {
+            chunks
                 .chunks(CHUNK)
                 .enumerate()
                 .map(|(i, c)| {
                     let mut buf = Vec::with_capacity(CHUNK + TAG);
                     buf.extend_from_slice(c);
-                    cipher.seal_in_place(first + i as u32, false, &mut buf)?;
+                    cipher.seal_in_place(first + (from + i) as u32, false, &mut buf)?;
                     Ok(buf)
                 })
-                .collect();
-            if let Some(h) = hashing {
-                let _ = h.join();
-            }
-            sealed
-        });
+                .collect()
+        };
+        let chunks = n / CHUNK;
+        let sealed: Result<Vec<Vec<u8>>> = if chunks >= 4 {
+            // Two cores: this one seals about three quarters of the chunks; the other hashes the whole batch
+            // (about half the cost of sealing it) and seals the rest.
+            let mine = (chunks * 3).div_ceil(4);
+            let (a, b) = head.split_at(mine * CHUNK);
+            std::thread::scope(|scope| {
+                let other = scope.spawn(|| {
+                    hasher.update(head);
+                    seal(mine, b)
+                });
+                let mut out = seal(0, a)?;
+                let rest = other
+                    .join()
+                    .map_err(|_| Error::Crypto("the sealing thread panicked".into()))??;
+                out.extend(rest);
+                Ok(out)
+            })
+        } else {
+            hasher.update(head);
+            seal(0, head)
+        };
         for chunk in sealed? {
             self.out.write_all(&chunk).map_err(Error::BlobIo)?;
             self.index = self
@@ -437,12 +446,15 @@ impl<'k, R: Read> BlobOpener<'k, R> {
     }
 
     fn read_sealed(&mut self) -> Result<Option<Vec<u8>>> {
-        let mut buf = vec![0u8; CHUNK + TAG];
-        let n = read_full(&mut self.input, &mut buf).map_err(Error::BlobIo)?;
+        let mut buf = Vec::with_capacity(CHUNK + TAG);
+        // `read_to_end` fills the spare capacity without zeroing it first.
+        let n = (&mut self.input)
+            .take((CHUNK + TAG) as u64)
+            .read_to_end(&mut buf)
+            .map_err(Error::BlobIo)?;
         if n == 0 {
             return Ok(None);
         }
-        buf.truncate(n);
         Ok(Some(buf))
     }
 

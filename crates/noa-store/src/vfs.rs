@@ -238,45 +238,40 @@ impl Write for WriteBehind {
     }
 }
 
-/// A reader that reads ahead on its own thread, so that reading the disk overlaps decryption.
+/// A reader that reads ahead on its own thread, so that reading the disk overlaps decryption. Its 1 MiB
+/// blocks go back to the reading thread to be filled again, so nothing is allocated or zeroed per block.
 struct ReadAhead {
     rx: std::sync::mpsc::Receiver<std::io::Result<Vec<u8>>>,
+    recycle: std::sync::mpsc::Sender<Vec<u8>>,
     current: Vec<u8>,
     at: usize,
 }
 
+const READ_AHEAD_BLOCK: u64 = 1 << 20;
+
 impl ReadAhead {
     fn new(mut file: std::fs::File) -> ReadAhead {
+        use std::io::Read;
         let (tx, rx) = std::sync::mpsc::sync_channel(4);
+        let (recycle, spare) = std::sync::mpsc::channel::<Vec<u8>>();
         let _ = std::thread::Builder::new()
             .name("noa-blob-read".into())
             .spawn(move || {
                 loop {
-                    let mut block = vec![0u8; 1 << 20];
-                    let mut n = 0;
-                    let result = loop {
-                        match std::io::Read::read(&mut file, &mut block[n..]) {
-                            Ok(0) => break Ok(()),
-                            Ok(k) => {
-                                n += k;
-                                if n == block.len() {
-                                    break Ok(());
-                                }
-                            }
-                            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                            Err(e) => break Err(e),
-                        }
-                    };
-                    block.truncate(n);
-                    let end = n == 0 || result.is_err();
-                    let msg = result.map(|_| block);
-                    if tx.send(msg).is_err() || end {
+                    let mut block = spare
+                        .try_recv()
+                        .unwrap_or_else(|_| Vec::with_capacity(READ_AHEAD_BLOCK as usize));
+                    block.clear();
+                    let result = (&mut file).take(READ_AHEAD_BLOCK).read_to_end(&mut block);
+                    let end = matches!(result, Ok(0) | Err(_));
+                    if tx.send(result.map(|_| block)).is_err() || end {
                         return;
                     }
                 }
             });
         ReadAhead {
             rx,
+            recycle,
             current: Vec::new(),
             at: 0,
         }
@@ -288,7 +283,8 @@ impl std::io::Read for ReadAhead {
         if self.at == self.current.len() {
             match self.rx.recv() {
                 Ok(Ok(block)) => {
-                    self.current = block;
+                    let used = std::mem::replace(&mut self.current, block);
+                    let _ = self.recycle.send(used);
                     self.at = 0;
                 }
                 Ok(Err(e)) => return Err(e),
