@@ -300,56 +300,78 @@ impl std::io::Read for ReadAhead {
 
 /// Streams plaintext into an encrypted blob. Small blobs end up inline in the database.
 pub struct BlobWriter<'k> {
-    sealer: BlobSealer<'k, std::io::BufWriter<WriteBehind>>,
-    tmp: PathBuf,
+    key: &'k DataKey,
+    /// The first bytes, kept in memory: a blob that never outgrows one chunk never touches a file.
+    head: Vec<u8>,
+    /// Once it has: the sealer writing the staging file, and the file's path.
+    file: Option<(BlobSealer<'k, std::io::BufWriter<WriteBehind>>, PathBuf)>,
     blobs_dir: PathBuf,
 }
 
 impl<'k> BlobWriter<'k> {
     pub(crate) fn new(key: &'k DataKey, blobs_dir: &Path) -> Result<BlobWriter<'k>> {
-        let tmp_dir = blobs_dir.join("tmp");
+        Ok(BlobWriter {
+            key,
+            head: Vec::new(),
+            file: None,
+            blobs_dir: blobs_dir.to_owned(),
+        })
+    }
+
+    fn spill(&mut self) -> Result<()> {
+        let tmp_dir = self.blobs_dir.join("tmp");
         std::fs::create_dir_all(&tmp_dir).map_err(Error::BlobIo)?;
         let mut name = [0u8; 12];
         getrandom::fill(&mut name).map_err(|e| Error::Crypto(e.to_string()))?;
         let tmp = tmp_dir.join(crate::crypto::hex(&name));
         let file = std::fs::File::create(&tmp).map_err(Error::BlobIo)?;
-        Ok(BlobWriter {
-            sealer: BlobSealer::new(
-                key,
-                std::io::BufWriter::with_capacity(1 << 20, WriteBehind::new(file)),
-            )?,
-            tmp,
-            blobs_dir: blobs_dir.to_owned(),
-        })
+        let mut sealer = BlobSealer::new(
+            self.key,
+            std::io::BufWriter::with_capacity(1 << 20, WriteBehind::new(file)),
+        )?;
+        sealer.write(&std::mem::take(&mut self.head))?;
+        self.file = Some((sealer, tmp));
+        Ok(())
     }
 
     pub fn write(&mut self, data: &[u8]) -> Result<()> {
-        self.sealer.write(data)
+        if self.file.is_none() {
+            if self.head.len() + data.len() <= crate::crypto::CHUNK {
+                self.head.extend_from_slice(data);
+                return Ok(());
+            }
+            self.spill()?;
+        }
+        match &mut self.file {
+            Some((sealer, _)) => sealer.write(data),
+            None => Err(Error::Crypto("the blob writer lost its file".into())),
+        }
     }
 
     /// Seals the blob and makes it durable under its id.
     pub fn finish(self) -> Result<StagedBlob> {
         let BlobWriter {
-            sealer,
-            tmp,
+            key,
+            head,
+            file,
             blobs_dir,
-            ..
         } = self;
+        let Some((sealer, tmp)) = file else {
+            // One chunk at most: sealed in memory and kept in the database.
+            let mut sealer = BlobSealer::new(key, Vec::with_capacity(head.len() + 64))?;
+            sealer.write(&head)?;
+            let (sealed, id, size, _) = sealer.finish()?;
+            return Ok(StagedBlob {
+                id,
+                size,
+                inline: Some(sealed),
+            });
+        };
         let result = (|| {
-            let (out, id, size, single) = sealer.finish()?;
+            let (out, id, size, _) = sealer.finish()?;
             let file = out
                 .into_inner()
                 .map_err(|e| Error::BlobIo(e.into_error()))?;
-            if single {
-                drop(file.file);
-                let sealed = std::fs::read(&tmp).map_err(Error::BlobIo)?;
-                let _ = std::fs::remove_file(&tmp);
-                return Ok(StagedBlob {
-                    id,
-                    size,
-                    inline: Some(sealed),
-                });
-            }
             let dest = blob_path(&blobs_dir, &id);
             if dest.exists() {
                 // Same contents already stored: deduplicated.

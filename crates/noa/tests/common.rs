@@ -21,6 +21,8 @@ pub struct Daemon {
     pub dir: PathBuf,
     /// More arguments for `noa up`.
     pub up_args: Vec<String>,
+    /// More environment for `noa up`.
+    pub up_env: Vec<(String, String)>,
     _tmp: Option<tempfile::TempDir>,
 }
 
@@ -32,6 +34,7 @@ impl Daemon {
             child: None,
             dir,
             up_args: Vec::new(),
+            up_env: Vec::new(),
             _tmp: Some(tmp),
         };
         d.launch();
@@ -44,6 +47,7 @@ impl Daemon {
             child: None,
             dir: dir.to_owned(),
             up_args: Vec::new(),
+            up_env: Vec::new(),
             _tmp: None,
         };
         d.launch();
@@ -57,6 +61,7 @@ impl Daemon {
             .args(["up", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(&self.dir)
             .args(&self.up_args)
+            .envs(self.up_env.iter().map(|(k, v)| (k, v)))
             .env("NOA_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::null())

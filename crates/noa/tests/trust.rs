@@ -480,3 +480,41 @@ fn crash_during_backup_leaves_a_working_store() {
             .starts_with("ok: ")
     );
 }
+
+#[test]
+fn a_passphrase_protects_the_store() {
+    let mut d = Daemon::start();
+    noa_stdin(&d, &["fs", "put", "/shared/x", "-"], b"behind a passphrase");
+    assert!(d.signal("-TERM").success());
+    let rekey = Command::new(noa_bin())
+        .args(["store", "rekey", "--to", "passphrase"])
+        .env("NOA_DATA_DIR", &d.dir)
+        .env("NOA_NEW_PASSPHRASE", "correct horse battery")
+        .output()
+        .unwrap();
+    assert!(rekey.status.success(), "{}", stderr(&rekey));
+    assert!(
+        !d.dir.join("store.key").exists(),
+        "the old key file no longer unlocks anything"
+    );
+    let up = |pass: Option<&str>| {
+        let mut c = Command::new(noa_bin());
+        c.args(["up", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(&d.dir);
+        if let Some(p) = pass {
+            c.env("NOA_PASSPHRASE", p);
+        }
+        c.output().unwrap()
+    };
+    let o = up(None);
+    assert!(stderr(&o).contains("set NOA_PASSPHRASE"), "{}", stderr(&o));
+    let o = up(Some("wrong"));
+    assert!(
+        stderr(&o).contains("the passphrase is wrong"),
+        "{}",
+        stderr(&o)
+    );
+    d.up_env = vec![("NOA_PASSPHRASE".into(), "correct horse battery".into())];
+    d.launch();
+    assert_eq!(d.ok(&["fs", "cat", "/shared/x"]), "behind a passphrase");
+}
