@@ -30,6 +30,7 @@ bench: setup
 	$(CARGO) bench --locked -p noa-bus --bench bus
 	$(CARGO) bench --locked -p noa-policy --bench policy
 	$(CARGO) bench --locked -p noa-sandbox --bench spawn
+	$(CARGO) bench --locked -p noa-store --bench trust
 	$(CARGO) build --release --locked -p noa
 	bench/startup.sh
 

@@ -102,10 +102,12 @@ fn small_files(n: usize) -> (f64, f64, f64) {
     (seq, conc, raw)
 }
 
-/// Drops the page cache (root only) so that reads come from the disk; returns whether it could.
+/// Drops the page cache (root only) so that reads come from the disk; returns whether it could. It first lets
+/// the disk settle (pending writeback of earlier writes would slow whichever read comes first).
 fn drop_caches() -> bool {
-    Command::new("sync").status().is_ok_and(|s| s.success())
-        && std::fs::write("/proc/sys/vm/drop_caches", "3").is_ok()
+    let synced = Command::new("sync").status().is_ok_and(|s| s.success());
+    std::thread::sleep(Duration::from_secs(1));
+    synced && std::fs::write("/proc/sys/vm/drop_caches", "3").is_ok()
 }
 
 fn fsync(path: &Path) {
