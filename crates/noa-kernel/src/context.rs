@@ -127,27 +127,30 @@ impl Syscalls {
 
     /// Appends a line to the process's log (its file, and `sys.logs.<name>` on the bus).
     pub fn log(&self, level: &str, line: &str) {
-        let redacted;
-        let line = if self.inner.redact.iter().any(|v| line.contains(v.as_str())) {
-            let mut l = line.to_owned();
-            for v in &self.inner.redact {
-                l = l.replace(v.as_str(), "[REDACTED]");
-            }
-            redacted = l;
-            redacted.as_str()
-        } else {
-            line
-        };
+        let line = self.redact(line);
         self.inner
             .kernel
             .inner
             .logs
-            .append(self.inner.pid, &self.inner.spec.name, level, line);
+            .append(self.inner.pid, &self.inner.spec.name, level, &line);
+    }
+
+    /// Replaces the process's secret values (and each line of a multi-line one) with `[REDACTED]`.
+    pub fn redact<'a>(&self, text: &'a str) -> std::borrow::Cow<'a, str> {
+        if !self.inner.redact.iter().any(|v| text.contains(v.as_str())) {
+            return std::borrow::Cow::Borrowed(text);
+        }
+        let mut out = text.to_owned();
+        for v in &self.inner.redact {
+            out = out.replace(v.as_str(), "[REDACTED]");
+        }
+        std::borrow::Cow::Owned(out)
     }
 
     /// Counts a violation of the protocol or the rules and logs it. Returns true when the process has
     /// now broken the rules too often and must be ended.
     pub fn violation(&self, what: &str) -> bool {
+        let what = &*self.redact(what);
         let n = self.inner.violations.fetch_add(1, Ordering::Relaxed) + 1;
         self.log(
             "error",
@@ -276,17 +279,16 @@ impl Syscalls {
             ))
         };
         if let noa_store::Namespace::Host { .. } = vpath.namespace() {
-            let host = store.host_path(&vpath, false)?;
-            let meta = std::fs::metadata(&host).map_err(|_| noa_store::Error::NotFound {
-                path: vpath.to_string(),
-            })?;
-            if meta.len() > max {
-                return Err(too_big(meta.len()));
+            let (file, size) = store.host_open(&vpath)?;
+            if size > max {
+                return Err(too_big(size));
             }
-            let data = std::fs::read(&host).map_err(|e| noa_store::Error::Host {
-                path: vpath.to_string(),
-                message: e.to_string(),
-            })?;
+            let mut data = Vec::with_capacity(size as usize);
+            std::io::Read::read_to_end(&mut std::io::Read::take(file, max + 1), &mut data)
+                .map_err(|e| noa_store::Error::Host {
+                    path: vpath.to_string(),
+                    message: e.to_string(),
+                })?;
             let info = noa_store::FileInfo {
                 path: vpath.to_string(),
                 version: 0,
@@ -310,23 +312,12 @@ impl Syscalls {
         let vpath = self.fs_check(Action::WriteFile, path)?;
         let store = &self.inner.kernel.inner.store;
         if let noa_store::Namespace::Host { .. } = vpath.namespace() {
-            let host = store.host_path(&vpath, true)?;
-            let tmp = host.with_extension("noa-tmp");
-            std::fs::write(&tmp, data)
-                .and_then(|_| std::fs::rename(&tmp, &host))
-                .map_err(|e| noa_store::Error::Host {
-                    path: vpath.to_string(),
-                    message: e.to_string(),
-                })?;
-            store
-                .audit_durable(noa_store::AuditRecord::new(
-                    self.principal().id(),
-                    "fs.write",
-                    vpath.to_string(),
-                    "ok",
-                    serde_json::json!({ "size": data.len(), "host": true }),
-                ))
-                .await?;
+            let mut w = store.host_create(&vpath)?;
+            std::io::Write::write_all(w.file(), data).map_err(|e| noa_store::Error::Host {
+                path: vpath.to_string(),
+                message: e.to_string(),
+            })?;
+            store.host_commit(&self.principal().id(), w).await?;
             return Ok(noa_store::FileInfo {
                 path: vpath.to_string(),
                 version: 0,

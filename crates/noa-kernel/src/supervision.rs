@@ -14,6 +14,28 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 use tokio::sync::watch;
 
+/// What to redact from a process's log: each secret value, longest first, and each line of length 4 or more
+/// of a multi-line one (stderr is logged line by line).
+fn redactions(secret_env: &[(String, String)]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for (_, v) in secret_env {
+        if !v.is_empty() {
+            out.push(v.clone());
+        }
+        if v.contains('\n') {
+            out.extend(
+                v.lines()
+                    .map(|l| l.trim_end_matches('\r'))
+                    .filter(|l| l.len() >= 4)
+                    .map(str::to_owned),
+            );
+        }
+    }
+    out.sort_by_key(|v| std::cmp::Reverse(v.len()));
+    out.dedup();
+    out
+}
+
 impl Kernel {
     /// Starts a new incarnation of `pid` (and, for a supervisor, of its wanted children, in start order).
     pub(crate) fn start_locked(&self, t: &mut Table, pid: Pid) {
@@ -68,11 +90,7 @@ impl Kernel {
                 self.clone(),
                 sink,
                 subs.clone(),
-                secret_env
-                    .iter()
-                    .map(|(_, v)| v.clone())
-                    .filter(|v| !v.is_empty())
-                    .collect(),
+                redactions(&secret_env),
             ),
             secret_env,
         };

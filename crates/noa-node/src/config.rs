@@ -494,12 +494,21 @@ pub fn set(data_dir: &Path, key: &str, value: &str) -> Result<PathBuf> {
         message: e.to_string(),
     })?;
     let tmp = path.with_extension("toml.tmp");
-    std::fs::write(&tmp, doc.to_string())
-        .and_then(|_| std::fs::rename(&tmp, &path))
-        .map_err(|e| Error::DataDir {
-            path: path.clone(),
-            message: e.to_string(),
-        })?;
+    let write = || -> std::io::Result<()> {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(doc.to_string().as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+        if let Ok(d) = std::fs::File::open(data_dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    };
+    write().map_err(|e| Error::DataDir {
+        path: path.clone(),
+        message: e.to_string(),
+    })?;
     Ok(path)
 }
 

@@ -92,19 +92,13 @@ async fn read_inner(
     }
     if let Namespace::Host { .. } = path.namespace() {
         let host = store.host_path(&path, false)?;
-        let meta = std::fs::metadata(&host).map_err(|_| noa_store::Error::NotFound {
-            path: path.to_string(),
-        })?;
-        if meta.is_dir() {
+        if std::fs::symlink_metadata(&host).is_ok_and(|m| m.is_dir()) {
             let entries = store.fs_list(&path)?;
             return Ok(
                 Json(json!({ "path": path.to_string(), "entries": entries })).into_response(),
             );
         }
-        let file = std::fs::File::open(&host).map_err(|e| noa_store::Error::Host {
-            path: path.to_string(),
-            message: e.to_string(),
-        })?;
+        let (file, size) = store.host_open(&path)?;
         let body = stream_body(move |send| {
             use std::io::Read;
             let mut file = file;
@@ -118,7 +112,7 @@ async fn read_inner(
         });
         let mut res = Response::new(body);
         res.headers_mut()
-            .insert(header::CONTENT_LENGTH, meta.len().into());
+            .insert(header::CONTENT_LENGTH, size.into());
         res.headers_mut().insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/octet-stream"),
@@ -154,57 +148,96 @@ async fn read_inner(
     Ok(res)
 }
 
-/// Streams a request body into a staged blob (stored paths) on a blocking thread.
-async fn stage_body(store: &Store, body: Body) -> ApiResult<noa_store::StagedBlob> {
+/// Streams a request body into a staged blob (stored paths) on a blocking thread. A body larger than `room`
+/// (what the quota leaves), or one that breaks off, is abandoned: nothing is stored.
+async fn stage_body(
+    store: &Store,
+    path: &VPath,
+    room: Option<u64>,
+    body: Body,
+) -> ApiResult<noa_store::StagedBlob> {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(8);
+    let abandoned = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let store = store.clone();
+    let gave_up = abandoned.clone();
     let writer = tokio::task::spawn_blocking(move || {
         let mut w = store.blob_writer()?;
         while let Some(chunk) = rx.blocking_recv() {
             w.write(&chunk)?;
         }
-        w.finish()
+        if gave_up.load(std::sync::atomic::Ordering::SeqCst) {
+            // Dropped unfinished: the staged file is removed.
+            return Ok(None);
+        }
+        w.finish().map(Some)
     });
     let mut stream = body.into_data_stream();
+    let mut received = 0u64;
+    let mut failure = None;
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| {
-            ApiError::bad_request(format!("NOA-E0603 the request body broke off: {e}"))
-        })?;
+        let chunk = match chunk {
+            Ok(c) => c,
+            Err(e) => {
+                failure = Some(ApiError::bad_request(format!(
+                    "NOA-E0603 the request body broke off: {e}"
+                )));
+                break;
+            }
+        };
+        received += chunk.len() as u64;
+        if let Some(room) = room
+            && received > room
+        {
+            failure = Some(ApiError::new(
+                StatusCode::INSUFFICIENT_STORAGE,
+                format!(
+                    "NOA-E0311 quota exceeded: {path} may bring at most {room} more bytes within its namespace's quota; delete files or raise fs.quota_* in noa.toml"
+                ),
+            ));
+            break;
+        }
         if tx.send(chunk).await.is_err() {
             break;
         }
     }
+    if failure.is_some() {
+        abandoned.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
     drop(tx);
-    writer
+    let staged = writer
         .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-        .map_err(Into::into)
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    match (failure, staged) {
+        (Some(f), _) => Err(f),
+        (None, Some(blob)) => Ok(blob),
+        (None, None) => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the upload was abandoned",
+        )),
+    }
 }
 
-/// Streams a request body into a host file: a temporary file beside it, renamed over it when complete.
-async fn write_host(store: &Store, path: &VPath, body: Body) -> ApiResult<u64> {
-    let dest = store.host_path(path, true)?;
+/// Streams a request body into a host file: a temporary file beside it, put in place when complete.
+async fn write_host(store: &Store, p: &Principal, path: &VPath, body: Body) -> ApiResult<u64> {
+    let mut w = store.host_create(path)?;
     let shown = path.to_string();
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(8);
-    let writer = tokio::task::spawn_blocking(move || -> Result<u64, noa_store::Error> {
-        use std::io::Write;
-        let host_err = |e: std::io::Error| noa_store::Error::Host {
-            path: shown.clone(),
-            message: e.to_string(),
-        };
-        let dir = dest.parent().unwrap_or(std::path::Path::new("/"));
-        let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(host_err)?;
-        let mut n = 0u64;
-        while let Some(chunk) = rx.blocking_recv() {
-            tmp.write_all(&chunk).map_err(host_err)?;
-            n += chunk.len() as u64;
-        }
-        tmp.as_file().sync_all().map_err(host_err)?;
-        tmp.persist(&dest).map_err(|e| host_err(e.error))?;
-        Ok(n)
-    });
+    let writer =
+        tokio::task::spawn_blocking(move || -> Result<noa_store::HostWrite, noa_store::Error> {
+            use std::io::Write;
+            while let Some(chunk) = rx.blocking_recv() {
+                w.file()
+                    .write_all(&chunk)
+                    .map_err(|e| noa_store::Error::Host {
+                        path: shown.clone(),
+                        message: e.to_string(),
+                    })?;
+            }
+            Ok(w)
+        });
     let mut stream = body.into_data_stream();
     while let Some(chunk) = stream.next().await {
+        // A body that breaks off leaves nothing behind: the temporary file is removed when dropped.
         let chunk = chunk.map_err(|e| {
             ApiError::bad_request(format!("NOA-E0603 the request body broke off: {e}"))
         })?;
@@ -213,10 +246,10 @@ async fn write_host(store: &Store, path: &VPath, body: Body) -> ApiResult<u64> {
         }
     }
     drop(tx);
-    writer
+    let w = writer
         .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-        .map_err(Into::into)
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    Ok(store.host_commit(&p.id(), w).await?)
 }
 
 /// Reads and drops up to 64 MiB of a body that will not be used, so that a client still sending it gets the
@@ -236,6 +269,7 @@ pub async fn put(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,
     Path(raw): Path<String>,
+    headers: axum::http::HeaderMap,
     body: Body,
 ) -> ApiResult<Json<Value>> {
     let store = state.kernel.store();
@@ -260,20 +294,29 @@ pub async fn put(
         }
     };
     if let Namespace::Host { .. } = path.namespace() {
-        let size = write_host(store, &path, body).await?;
-        store
-            .audit_durable(noa_store::AuditRecord::new(
-                p.id(),
-                "fs.write",
-                path.to_string(),
-                "ok",
-                json!({ "size": size, "host": true }),
-            ))
-            .await?;
+        let size = write_host(store, &p, &path, body).await?;
         return Ok(Json(json!({ "path": path.to_string(), "size": size })));
     }
     let file = path.stored_file()?.to_owned();
-    let blob = stage_body(store, body).await?;
+    let room = store.fs_room(&path)?;
+    // A declared size over the quota is refused before a byte is read.
+    if let (Some(room), Some(len)) = (
+        room,
+        headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok()),
+    ) && len > room
+    {
+        drain(body).await;
+        return Err(ApiError::new(
+            StatusCode::INSUFFICIENT_STORAGE,
+            format!(
+                "NOA-E0311 quota exceeded: {path} is {len} bytes but may be at most {room} within its namespace's quota; delete files or raise fs.quota_* in noa.toml"
+            ),
+        ));
+    }
+    let blob = stage_body(store, &path, room, body).await?;
     let mut infos = store
         .fs_commit(&p.id(), vec![FsOp::Put { path: file, blob }])
         .await?;

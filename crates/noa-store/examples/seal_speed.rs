@@ -5,10 +5,10 @@ fn main() {
     let t = std::time::Instant::now();
     let mut s = noa_store::crypto::BlobSealer::new(&key, Vec::with_capacity(70 << 20)).unwrap();
     s.write(&data).unwrap();
-    let (out, ..) = s.finish().unwrap();
+    let (out, id, ..) = s.finish().unwrap();
     let seal = t.elapsed();
     let t = std::time::Instant::now();
-    let o = noa_store::crypto::BlobOpener::new(&key, &out[..], "x")
+    let o = noa_store::crypto::BlobOpener::new(&key, &out[..], &id, "x")
         .unwrap()
         .read_all()
         .unwrap();

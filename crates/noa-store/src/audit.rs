@@ -2,9 +2,15 @@
 //!
 //! Record `n` stores `hash_n = BLAKE3(hash_{n-1} ‖ ts ‖ principal ‖ action ‖ resource ‖ outcome ‖ detail)`
 //! (each field length-prefixed; `hash_0` is 32 zero bytes). Every `checkpoint_every` records the writer signs
-//! `seq ‖ hash` with the node key. [`verify`] recomputes the chain and names the first record that was
-//! edited (its contents no longer give its hash), removed (a gap, or a checkpoint past the end) or
-//! reordered (its link to the previous record is broken).
+//! `seq ‖ hash ‖ previous checkpoint's seq` with the node key, so checkpoints form a chain of their own, and
+//! writes the newest signed checkpoint to `audit.head` beside the database once its transaction committed.
+//! [`verify`] recomputes the chain and names the first record that was edited (its contents no longer give its
+//! hash), removed (a gap, a checkpoint past the end, or a head the log no longer reaches) or reordered (its link
+//! to the previous record is broken), and the first checkpoint removed from the middle (the next one names it).
+//!
+//! What it cannot see: records appended after the last checkpoint can be removed or rewritten by someone who
+//! can write the database and `audit.head` together; the chain is only as strong as the protection of the
+//! data directory (mode 0700) and of `node.key`.
 //!
 //! Records are appended by the store's writer thread inside the same transaction as the change they
 //! describe, so a file write and its audit record commit together or not at all.
@@ -96,11 +102,43 @@ pub(crate) fn record_hash(prev: &[u8; 32], ts_ms: u64, fields: [&str; 5]) -> [u8
     *h.finalize().as_bytes()
 }
 
-fn checkpoint_message(seq: u64, hash: &[u8; 32]) -> Vec<u8> {
-    let mut m = b"noa audit checkpoint v1".to_vec();
+fn checkpoint_message(seq: u64, hash: &[u8; 32], prev_seq: u64) -> Vec<u8> {
+    let mut m = b"noa audit checkpoint v2".to_vec();
     m.extend_from_slice(&seq.to_le_bytes());
     m.extend_from_slice(hash);
+    m.extend_from_slice(&prev_seq.to_le_bytes());
     m
+}
+
+/// The file beside the database holding the newest signed checkpoint.
+pub const HEAD_FILE: &str = "audit.head";
+
+/// The newest signed checkpoint, kept outside the database.
+#[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
+pub struct SignedHead {
+    pub seq: u64,
+    pub prev_seq: u64,
+    pub hash: String,
+    pub key: String,
+    pub signature: String,
+}
+
+impl SignedHead {
+    pub(crate) fn write(&self, path: &std::path::Path) {
+        let tmp = path.with_extension("head.tmp");
+        let ok = serde_json::to_vec(self)
+            .map_err(std::io::Error::other)
+            .and_then(|b| {
+                use std::io::Write;
+                let mut f = std::fs::File::create(&tmp)?;
+                f.write_all(&b)?;
+                f.sync_all()?;
+                std::fs::rename(&tmp, path)
+            });
+        if let Err(e) = ok {
+            tracing::error!(error = %e, "Cannot write the signed audit head.");
+        }
+    }
 }
 
 /// The writer's view of the chain head.
@@ -110,6 +148,10 @@ pub(crate) struct Chain {
     next_seq: u64,
     signer: SigningKey,
     every: u64,
+    /// The newest checkpoint's seq (0: none yet).
+    last_checkpoint: u64,
+    /// A checkpoint written in the current batch, to publish in `audit.head` once the batch commits.
+    pub(crate) pending_head: Option<SignedHead>,
 }
 
 impl Chain {
@@ -131,11 +173,18 @@ impl Chain {
             }
             None => (1, [0u8; 32]),
         };
+        let last_checkpoint: i64 = conn.query_row(
+            "SELECT COALESCE(MAX(seq), 0) FROM audit_checkpoints",
+            [],
+            |r| r.get(0),
+        )?;
         Ok(Chain {
             prev,
             next_seq,
             signer,
             every: every.max(1),
+            last_checkpoint: last_checkpoint as u64,
+            pending_head: None,
         })
     }
 
@@ -171,17 +220,28 @@ impl Chain {
             &hash[..]
         ])?;
         if seq.is_multiple_of(self.every) {
-            let sig = self.signer.sign(&checkpoint_message(seq, &hash));
+            let prev_seq = self.last_checkpoint;
+            let sig = self.signer.sign(&checkpoint_message(seq, &hash, prev_seq));
+            let key = hex(self.signer.verifying_key().as_bytes());
             conn.prepare_cached(
-                "INSERT INTO audit_checkpoints (seq, hash, key_id, signature, ts_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+                "INSERT INTO audit_checkpoints (seq, prev_seq, hash, key_id, signature, ts_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             )?
             .execute(params![
                 seq as i64,
+                prev_seq as i64,
                 &hash[..],
-                hex(self.signer.verifying_key().as_bytes()),
+                key,
                 &sig.to_bytes()[..],
                 ts as i64
             ])?;
+            self.last_checkpoint = seq;
+            self.pending_head = Some(SignedHead {
+                seq,
+                prev_seq,
+                hash: hex(&hash),
+                key,
+                signature: hex(&sig.to_bytes()),
+            });
         }
         self.prev = hash;
         self.next_seq += 1;
@@ -254,11 +314,13 @@ pub(crate) fn query(conn: &Connection, q: &AuditQuery) -> Result<Vec<AuditEntry>
 /// a restored node keeps trusting the key of the node its backup came from.
 pub const TRUSTED_KEYS: &str = "audit.trusted";
 
-/// Recomputes the whole chain and checks every checkpoint against `key` or one of `also_trusted`.
+/// Recomputes the whole chain and checks every checkpoint against `key` or one of `also_trusted`, and the
+/// signed head in `head` (the contents of `audit.head`, when there is one).
 pub fn verify(
     conn: &Connection,
     key: &VerifyingKey,
     also_trusted: &[VerifyingKey],
+    head: Option<&SignedHead>,
 ) -> Result<AuditReport> {
     let key_hex = hex(key.as_bytes());
     let mut report = AuditReport {
@@ -269,28 +331,108 @@ pub fn verify(
         problem: None,
         at: None,
     };
-    let mut checkpoints: std::collections::BTreeMap<u64, (Vec<u8>, String, Vec<u8>)> =
-        Default::default();
+    type Checkpoint = (u64, Vec<u8>, String, Vec<u8>);
+    let mut checkpoints: std::collections::BTreeMap<u64, Checkpoint> = Default::default();
     {
-        let mut stmt = conn
-            .prepare("SELECT seq, hash, key_id, signature FROM audit_checkpoints ORDER BY seq")?;
+        let mut stmt = conn.prepare(
+            "SELECT seq, prev_seq, hash, key_id, signature FROM audit_checkpoints ORDER BY seq",
+        )?;
         let rows = stmt.query_map([], |r| {
             Ok((
                 r.get::<_, i64>(0)?,
-                r.get::<_, Vec<u8>>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, Vec<u8>>(3)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, Vec<u8>>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, Vec<u8>>(4)?,
             ))
         })?;
         for row in rows {
-            let (seq, hash, key_id, sig) = row?;
-            checkpoints.insert(seq as u64, (hash, key_id, sig));
+            let (seq, prev_seq, hash, key_id, sig) = row?;
+            checkpoints.insert(seq as u64, (prev_seq as u64, hash, key_id, sig));
         }
     }
     let fail = |report: &mut AuditReport, at: u64, msg: String| {
         report.problem = Some(msg);
         report.at = Some(at);
     };
+    let trusted = |key_id: &str| {
+        std::iter::once(key)
+            .chain(also_trusted)
+            .find(|k| hex(k.as_bytes()) == key_id)
+    };
+    // The checkpoints form a chain of their own: each names the one before it.
+    let mut before = 0u64;
+    for (&seq, (prev_seq, ..)) in &checkpoints {
+        if *prev_seq != before {
+            let had = if before == 0 {
+                "none before it".to_owned()
+            } else {
+                format!("{before} before it")
+            };
+            fail(
+                &mut report,
+                *prev_seq,
+                format!(
+                    "checkpoint {prev_seq} was removed: checkpoint {seq} names it as the one before it, but the log has {had}"
+                ),
+            );
+            return Ok(report);
+        }
+        before = seq;
+    }
+    // The signed head outside the database: the log must still reach it.
+    if let Some(h) = head {
+        let head_ok = trusted(&h.key).is_some_and(|k| {
+            let hash: Option<[u8; 32]> = unhex(&h.hash).and_then(|b| b.try_into().ok());
+            let sig: Option<[u8; 64]> = unhex(&h.signature).and_then(|b| b.try_into().ok());
+            match (hash, sig) {
+                (Some(hash), Some(sig)) => k
+                    .verify(
+                        &checkpoint_message(h.seq, &hash, h.prev_seq),
+                        &ed25519_dalek::Signature::from_bytes(&sig),
+                    )
+                    .is_ok(),
+                _ => false,
+            }
+        });
+        if !head_ok {
+            fail(
+                &mut report,
+                h.seq,
+                format!(
+                    "the signed head ({HEAD_FILE}) for checkpoint {} has no valid signature by a trusted key",
+                    h.seq
+                ),
+            );
+            return Ok(report);
+        }
+        match checkpoints.get(&h.seq) {
+            Some((_, hash, ..)) if hex(hash) == h.hash => {}
+            Some(_) => {
+                fail(
+                    &mut report,
+                    h.seq,
+                    format!(
+                        "checkpoint {} differs from the signed head ({HEAD_FILE}): it was rewritten",
+                        h.seq
+                    ),
+                );
+                return Ok(report);
+            }
+            None => {
+                let last = checkpoints.keys().next_back().copied().unwrap_or(0);
+                fail(
+                    &mut report,
+                    h.seq,
+                    format!(
+                        "records and checkpoints after checkpoint {last} were removed: the signed head ({HEAD_FILE}) names checkpoint {}",
+                        h.seq
+                    ),
+                );
+                return Ok(report);
+            }
+        }
+    }
     let mut stmt = conn.prepare(
         "SELECT seq, ts_ms, principal, action, resource, outcome, detail, prev, hash FROM audit ORDER BY seq",
     )?;
@@ -347,7 +489,7 @@ pub fn verify(
             return Ok(report);
         }
         running = own;
-        if let Some((hash, key_id, sig)) = checkpoints.get(&seq) {
+        if let Some((prev_seq, hash, key_id, sig)) = checkpoints.get(&seq) {
             if hash[..] != running {
                 fail(
                     &mut report,
@@ -358,15 +500,13 @@ pub fn verify(
                 );
                 return Ok(report);
             }
-            let signer = std::iter::once(key)
-                .chain(also_trusted)
-                .find(|k| hex(k.as_bytes()) == *key_id);
+            let signer = trusted(key_id);
             let sig_ok = signer.is_some_and(|signer| {
                 <[u8; 64]>::try_from(&sig[..])
                     .map(|s| {
                         signer
                             .verify(
-                                &checkpoint_message(seq, &running),
+                                &checkpoint_message(seq, &running, *prev_seq),
                                 &ed25519_dalek::Signature::from_bytes(&s),
                             )
                             .is_ok()

@@ -195,7 +195,7 @@ impl Store {
                 .metadata()
                 .map_err(|e| berr(out_name, e.to_string()))?
                 .len();
-            let name = format!("blobs/{}/{}", &id[..2], id);
+            let name = format!("blobs/{}/{}", id.get(..2).unwrap_or(id), id);
             append(&mut tar, &name, size, f, &mut tick, &mut entries, out_name)?;
         }
         let mut extras = vec!["policy.cedar", "noa.toml"];
@@ -251,6 +251,9 @@ impl Store {
                 .map_err(|e| berr(path, e.into_error().to_string()))?;
             f.sync_all().map_err(|e| berr(path, e.to_string()))?;
             std::fs::rename(&tmp, path).map_err(|e| berr(path, e.to_string()))?;
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                crate::crypto::sync_dir(dir);
+            }
             Ok(m)
         });
         if result.is_err() {
@@ -272,6 +275,7 @@ fn read_archive(
     let mut tar = tar::Archive::new(std::io::BufReader::with_capacity(1 << 20, file));
     let mut seen: Vec<ManifestEntry> = Vec::new();
     let mut manifest: Option<Manifest> = None;
+    let mut created_dirs: Vec<PathBuf> = Vec::new();
     let entries = tar
         .entries()
         .map_err(|e| berr(archive, format!("not a tar archive: {e}")))?;
@@ -321,17 +325,21 @@ fn read_archive(
         if !safe {
             return Err(berr(archive, format!("unexpected entry {name:?}")));
         }
-        let mut sink: Box<dyn Write> = match extract_to {
+        let mut sink: Option<std::io::BufWriter<std::fs::File>> = match extract_to {
             Some(dir) => {
                 let p = dir.join(&name);
-                if let Some(parent) = p.parent() {
+                if let Some(parent) = p.parent()
+                    && !parent.exists()
+                {
                     std::fs::create_dir_all(parent).map_err(|e| berr(&p, e.to_string()))?;
+                    created_dirs.push(parent.to_owned());
                 }
-                Box::new(std::io::BufWriter::new(
+                Some(std::io::BufWriter::with_capacity(
+                    1 << 20,
                     std::fs::File::create(&p).map_err(|e| berr(&p, e.to_string()))?,
                 ))
             }
-            None => Box::new(std::io::sink()),
+            None => None,
         };
         let mut hasher = blake3::Hasher::new();
         let mut size = 0u64;
@@ -347,19 +355,32 @@ fn read_archive(
                 break;
             }
             hasher.update(&buf[..n]);
-            sink.write_all(&buf[..n])
-                .map_err(|e| berr(archive, format!("extracting {name}: {e}")))?;
+            if let Some(sink) = &mut sink {
+                sink.write_all(&buf[..n])
+                    .map_err(|e| berr(archive, format!("extracting {name}: {e}")))?;
+            }
             size += n as u64;
             done += n as u64;
             progress(done, total.max(done));
         }
-        sink.flush()
-            .map_err(|e| berr(archive, format!("extracting {name}: {e}")))?;
+        if let Some(sink) = sink {
+            // Restored files must be on disk before the restore says it is done.
+            sink.into_inner()
+                .map_err(|e| e.into_error())
+                .and_then(|f| f.sync_all())
+                .map_err(|e| berr(archive, format!("extracting {name}: {e}")))?;
+        }
         seen.push(ManifestEntry {
             path: name,
             size,
             blake3: hasher.finalize().to_hex().to_string(),
         });
+    }
+    for d in created_dirs.iter().rev() {
+        crate::crypto::sync_dir(d);
+        if let Some(parent) = d.parent() {
+            crate::crypto::sync_dir(parent);
+        }
     }
     let manifest = manifest.ok_or_else(|| {
         berr(
@@ -425,7 +446,16 @@ fn check_snapshot(archive: &Path, dir: &Path, m: &Manifest) -> Result<()> {
         .collect::<rusqlite::Result<Vec<_>>>()?;
     let have: std::collections::HashSet<&str> = m.entries.iter().map(|e| e.path.as_str()).collect();
     for id in ids {
-        let name = format!("blobs/{}/{}", &id[..2.min(id.len())], id);
+        if id.len() != 64 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(berr(
+                archive,
+                format!(
+                    "the snapshot names a blob {:?} that is not a 64-digit hex id",
+                    id.chars().take(80).collect::<String>()
+                ),
+            ));
+        }
+        let name = format!("blobs/{}/{}", &id[..2], id);
         if !have.contains(name.as_str()) {
             return Err(berr(
                 archive,
@@ -434,6 +464,31 @@ fn check_snapshot(archive: &Path, dir: &Path, m: &Manifest) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Reads only the manifest of an archive (the last entry), without checking hashes.
+pub fn read_manifest(archive: &Path) -> Result<Manifest> {
+    let file = std::fs::File::open(archive).map_err(|e| berr(archive, e.to_string()))?;
+    let mut tar = tar::Archive::new(std::io::BufReader::new(file));
+    let entries = tar
+        .entries()
+        .map_err(|e| berr(archive, format!("not a tar archive: {e}")))?;
+    for entry in entries {
+        let mut entry = entry.map_err(|e| berr(archive, format!("corrupt: {e}")))?;
+        let is_manifest = entry
+            .path()
+            .map(|p| p.as_os_str() == MANIFEST)
+            .unwrap_or(false);
+        if is_manifest {
+            let mut buf = Vec::new();
+            entry
+                .read_to_end(&mut buf)
+                .map_err(|e| berr(archive, e.to_string()))?;
+            return serde_json::from_slice(&buf)
+                .map_err(|e| berr(archive, format!("the manifest is invalid: {e}")));
+        }
+    }
+    Err(berr(archive, format!("{MANIFEST} is missing")))
 }
 
 /// Checks every hash in an archive and the snapshot inside it.
@@ -493,8 +548,8 @@ pub fn restore(
             berr(
                 archive,
                 format!(
-                    "the archive holds no key; pass --key-file with the store key {} (the store.key of the data directory it came from)",
-                    m.key_id
+                    "the archive holds no key; pass --key-file with the store key {} (the store.key of the data directory it came from, or store.key.{} if that store was rekeyed since)",
+                    m.key_id, m.key_id
                 ),
             )
         })?;
@@ -506,7 +561,10 @@ pub fn restore(
             return Err(Error::WrongKey {
                 source_desc: format!("key file {}", src.display()),
                 needed: m.key_id.clone(),
-                hint: "pass the key file of the data directory the backup was taken from".into(),
+                hint: format!(
+                    "pass the key file of the data directory the backup was taken from (after a rekey it is kept as store.key.{})",
+                    m.key_id
+                ),
             });
         }
         crate::crypto::write_key_file(&key_dest, &key)?;
@@ -524,6 +582,7 @@ pub fn restore(
         .map_err(|e| berr(target, e.to_string()))?;
     use std::os::unix::fs::PermissionsExt;
     let _ = std::fs::set_permissions(staging.path(), std::fs::Permissions::from_mode(0o700));
+    crate::crypto::sync_dir(staging.path());
     if target.exists() {
         std::fs::remove_dir(target).map_err(|e| berr(target, e.to_string()))?;
     }
@@ -545,7 +604,7 @@ pub fn describe(m: &Manifest) -> String {
         m.schema_version,
         m.key_id,
         m.key_kind,
-        &m.node_key[..16.min(m.node_key.len())],
+        m.node_key.get(..16).unwrap_or(&m.node_key),
         if m.includes_keys {
             ", keys included"
         } else {

@@ -237,18 +237,18 @@ impl BlobCipher {
         n.into()
     }
 
-    /// Encrypts `buf` in place and appends the tag.
-    fn seal_in_place(&self, index: u32, last: bool, buf: &mut Vec<u8>) -> Result<()> {
+    /// Encrypts `buf` in place and appends the tag. `aad` is the blob id for the last chunk, empty otherwise.
+    fn seal_in_place(&self, index: u32, last: bool, aad: &[u8], buf: &mut Vec<u8>) -> Result<()> {
         let tag = self
             .0
-            .encrypt_in_place_detached(&Self::nonce(index, last), b"", buf)
+            .encrypt_in_place_detached(&Self::nonce(index, last), aad, buf)
             .map_err(|_| Error::Crypto("encryption failed".into()))?;
         buf.extend_from_slice(&tag);
         Ok(())
     }
 
     /// Decrypts `sealed` (ciphertext ‖ tag) in place, leaving the plaintext; false when it fails authentication.
-    fn open_in_place(&self, index: u32, last: bool, sealed: &mut Vec<u8>) -> bool {
+    fn open_in_place(&self, index: u32, last: bool, aad: &[u8], sealed: &mut Vec<u8>) -> bool {
         if sealed.len() < TAG {
             return false;
         }
@@ -256,7 +256,7 @@ impl BlobCipher {
         let tag = chacha20poly1305::Tag::clone_from_slice(&sealed[at..]);
         sealed.truncate(at);
         self.0
-            .decrypt_in_place_detached(&Self::nonce(index, last), b"", sealed, &tag)
+            .decrypt_in_place_detached(&Self::nonce(index, last), aad, sealed, &tag)
             .is_ok()
     }
 }
@@ -324,7 +324,7 @@ impl<'k, W: Write> BlobSealer<'k, W> {
                 .map(|(i, c)| {
                     let mut buf = Vec::with_capacity(CHUNK + TAG);
                     buf.extend_from_slice(c);
-                    cipher.seal_in_place(first + (from + i) as u32, false, &mut buf)?;
+                    cipher.seal_in_place(first + (from + i) as u32, false, b"", &mut buf)?;
                     Ok(buf)
                 })
                 .collect()
@@ -377,10 +377,12 @@ impl<'k, W: Write> BlobSealer<'k, W> {
         }
         let single = !self.spilled;
         self.hasher.update(&self.pending);
-        let mut last = std::mem::take(&mut self.pending);
-        self.cipher.seal_in_place(self.index, true, &mut last)?;
-        self.out.write_all(&last).map_err(Error::BlobIo)?;
         let id = self.hasher.finalize().to_hex().to_string();
+        // The last chunk authenticates the blob's id: a blob file put in place of another fails to open.
+        let mut last = std::mem::take(&mut self.pending);
+        self.cipher
+            .seal_in_place(self.index, true, id.as_bytes(), &mut last)?;
+        self.out.write_all(&last).map_err(Error::BlobIo)?;
         Ok((self.out, id, self.size, single))
     }
 }
@@ -397,6 +399,8 @@ pub struct BlobOpener<'k, R: Read> {
     next: Option<Vec<u8>>,
     done: bool,
     what: String,
+    /// The id the blob must have (authenticated by its last chunk).
+    id: String,
 }
 
 fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
@@ -413,7 +417,8 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
 }
 
 impl<'k, R: Read> BlobOpener<'k, R> {
-    pub fn new(key: &'k DataKey, mut input: R, what: &str) -> Result<Self> {
+    /// Opens the blob `id` from `input`; `what` names it in errors.
+    pub fn new(key: &'k DataKey, mut input: R, id: &str, what: &str) -> Result<Self> {
         let mut header = [0u8; HEADER];
         let n = read_full(&mut input, &mut header).map_err(Error::BlobIo)?;
         let corrupt = || Error::Corrupt {
@@ -434,6 +439,7 @@ impl<'k, R: Read> BlobOpener<'k, R> {
             next: None,
             done: false,
             what: what.to_owned(),
+            id: id.to_owned(),
         };
         me.next = me.read_sealed()?;
         if me.next.is_none() {
@@ -473,9 +479,12 @@ impl<'k, R: Read> BlobOpener<'k, R> {
             }
         }
         let cipher = &self.cipher;
+        let id = self.id.as_bytes();
         let open = |part: &mut [(u32, bool, Vec<u8>)]| {
-            part.iter_mut()
-                .find_map(|(i, last, c)| (!cipher.open_in_place(*i, *last, c)).then_some(*i))
+            part.iter_mut().find_map(|(i, last, c)| {
+                let aad: &[u8] = if *last { id } else { b"" };
+                (!cipher.open_in_place(*i, *last, aad, c)).then_some(*i)
+            })
         };
         let failed = if batch.len() >= 4 {
             let mid = batch.len() / 2;
@@ -492,7 +501,7 @@ impl<'k, R: Read> BlobOpener<'k, R> {
             return Err(Error::Corrupt {
                 what: self.what.clone(),
                 message: format!(
-                    "chunk {i} fails authentication: the blob was altered or truncated"
+                    "chunk {i} fails authentication: the blob was altered, truncated or swapped for another"
                 ),
             });
         }
@@ -535,9 +544,9 @@ mod tests {
         let k = key();
         let mut s = BlobSealer::new(&k, Vec::new()).unwrap();
         s.write(data).unwrap();
-        let (out, _, size, _) = s.finish().unwrap();
+        let (out, id, size, _) = s.finish().unwrap();
         assert_eq!(size, data.len() as u64);
-        BlobOpener::new(&k, &out[..], "t")
+        BlobOpener::new(&k, &out[..], &id, "t")
             .unwrap()
             .read_all()
             .unwrap()
@@ -557,23 +566,29 @@ mod tests {
         let data = vec![1u8; 2 * CHUNK + 10];
         let mut s = BlobSealer::new(&k, Vec::new()).unwrap();
         s.write(&data).unwrap();
-        let (out, ..) = s.finish().unwrap();
+        let (out, id, ..) = s.finish().unwrap();
         // Cut at a chunk boundary: the remaining last chunk was not sealed as last.
         let cut = &out[..HEADER + CHUNK + TAG];
-        let err = BlobOpener::new(&k, cut, "b")
+        let err = BlobOpener::new(&k, cut, &id, "b")
             .unwrap()
             .read_all()
             .unwrap_err();
         assert!(err.to_string().contains("fails authentication"), "{err}");
         let mut flipped = out.clone();
         flipped[HEADER + 5] ^= 1;
-        let err = BlobOpener::new(&k, &flipped[..], "b")
+        let err = BlobOpener::new(&k, &flipped[..], &id, "b")
             .unwrap()
             .read_all()
             .unwrap_err();
         assert!(err.to_string().contains("chunk 0"), "{err}");
+        // Another blob's file in this one's place.
+        let err = BlobOpener::new(&k, &out[..], &"0".repeat(64), "b")
+            .unwrap()
+            .read_all()
+            .unwrap_err();
+        assert!(err.to_string().contains("swapped"), "{err}");
         assert!(
-            BlobOpener::new(&DataKey::new([8u8; 32]), &out[..], "b")
+            BlobOpener::new(&DataKey::new([8u8; 32]), &out[..], &id, "b")
                 .unwrap()
                 .read_all()
                 .is_err()
@@ -613,7 +628,7 @@ mod tests {
         #[test]
         fn garbage_never_panics(data in proptest::collection::vec(any::<u8>(), 0..300)) {
             let k = key();
-            if let Ok(o) = BlobOpener::new(&k, &data[..], "g") {
+            if let Ok(o) = BlobOpener::new(&k, &data[..], "g", "g") {
                 let _ = o.read_all();
             }
         }

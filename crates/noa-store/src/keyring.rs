@@ -139,7 +139,7 @@ pub(crate) fn unlock(conn: &Connection, source: &KeySource) -> Result<(DataKey, 
             return Err(Error::WrongKey {
                 source_desc: format!("key file {}", path.display()),
                 needed: row.kek_id,
-                hint: "this store is protected by a passphrase: set NOA_PASSPHRASE or use --passphrase-file".into(),
+                hint: "this store is protected by a passphrase: `noa config set store.key passphrase`, then give it in NOA_PASSPHRASE or --passphrase-file".into(),
             });
         }
         (KeySource::Passphrase(_), _) => {

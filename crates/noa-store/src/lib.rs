@@ -56,11 +56,32 @@ impl StoreOptions {
     }
 }
 
+/// A host file being written: a temporary file beside its destination.
+#[derive(Debug)]
+pub struct HostWrite {
+    tmp: tempfile::NamedTempFile,
+    dest: PathBuf,
+    shown: String,
+}
+
+impl HostWrite {
+    pub fn file(&mut self) -> &mut std::fs::File {
+        self.tmp.as_file_mut()
+    }
+}
+
 /// A secret's name and when it was last set; the value is never part of a listing.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct SecretInfo {
     pub name: String,
     pub updated_ms: u64,
+}
+
+/// Where a key file that was rotated away is kept: `<key file>.<its key id>`.
+pub fn retired_key_path(key_file: &Path, key_id: &str) -> PathBuf {
+    let mut name = key_file.as_os_str().to_owned();
+    name.push(format!(".{key_id}"));
+    PathBuf::from(name)
 }
 
 /// Checks a secret name: 1 to 128 of `A-Z a-z 0-9 _ . -`.
@@ -160,6 +181,12 @@ impl Store {
         let mut conn = open_conn(path)?;
         migrations::migrate(&mut conn, path)?;
         let (key, kek_id) = keyring::unlock(&conn, &opts.key)?;
+        let data_dir = path.parent().unwrap_or(Path::new("."));
+        match vfs::collect_garbage(&conn, &data_dir.join("blobs")) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(n, "Removed blob files no file refers to."),
+            Err(e) => tracing::warn!(error = %e, "Could not look for unreferenced blob files."),
+        }
         let signer = audit::load_or_create_node_key(&opts.node_key)?;
         let node_key = signer.verifying_key();
         let chain = audit::Chain::load(&conn, signer, opts.checkpoint_every)?;
@@ -169,6 +196,7 @@ impl Store {
             writer::WriterState {
                 chain,
                 quotas: opts.quotas,
+                head_file: data_dir.join(audit::HEAD_FILE),
             },
         )?;
         let dir = path.parent().unwrap_or(Path::new(".")).to_owned();
@@ -303,7 +331,10 @@ impl Store {
             .lines()
             .filter_map(audit::parse_public_key)
             .collect();
-        audit::verify(&conn, &self.inner.node_key, &trusted)
+        let head: Option<audit::SignedHead> = std::fs::read(self.inner.dir.join(audit::HEAD_FILE))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        audit::verify(&conn, &self.inner.node_key, &trusted, head.as_ref())
     }
 
     // ----- files -----
@@ -372,6 +403,37 @@ impl Store {
             }
             Namespace::Host { mount, rest } => vfs::list_host(&self.mount_named(mount)?, rest),
         }
+    }
+
+    /// How many bytes a write of `path` may bring at most without passing its namespace's quota
+    /// (`None`: unlimited). Counts the file's current size as free, since a write replaces it.
+    pub fn fs_room(&self, path: &VPath) -> Result<Option<u64>> {
+        use rusqlite::OptionalExtension;
+        let Namespace::Stored(ns) = path.namespace() else {
+            return Ok(None);
+        };
+        let limit = if ns == "/shared" {
+            self.inner.quotas.shared
+        } else if ns.starts_with("/agents/") {
+            self.inner.quotas.agent
+        } else {
+            self.inner.quotas.run
+        };
+        if limit == 0 {
+            return Ok(None);
+        }
+        let conn = self.reader();
+        let used: i64 = conn
+            .prepare_cached("SELECT COALESCE((SELECT bytes FROM fs_usage WHERE ns = ?1), 0)")?
+            .query_row(params![ns], |r| r.get(0))?;
+        let current: i64 = conn
+            .prepare_cached("SELECT size FROM fs_files WHERE path = ?1")?
+            .query_row(params![path.as_str()], |r| r.get(0))
+            .optional()?
+            .unwrap_or(0);
+        Ok(Some(
+            limit.saturating_sub(used.max(0) as u64) + current.max(0) as u64,
+        ))
     }
 
     /// Bytes used and the limit, per namespace that holds files.
@@ -514,6 +576,81 @@ impl Store {
         vfs::host_resolve(&m, rest, for_write)
     }
 
+    /// Opens a host file for reading: never through a symlink at its last component (O_NOFOLLOW), never blocking
+    /// on a FIFO (O_NONBLOCK), and only if it is a regular file. Returns the file and its size.
+    pub fn host_open(&self, path: &VPath) -> Result<(std::fs::File, u64)> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let host = self.host_path(path, false)?;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(&host)
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => Error::NotFound {
+                    path: path.to_string(),
+                },
+                _ => Error::Host {
+                    path: path.to_string(),
+                    message: e.to_string(),
+                },
+            })?;
+        let meta = file.metadata().map_err(|e| Error::Host {
+            path: path.to_string(),
+            message: e.to_string(),
+        })?;
+        if !meta.is_file() {
+            return Err(Error::Host {
+                path: path.to_string(),
+                message: "not a regular file".into(),
+            });
+        }
+        Ok((file, meta.len()))
+    }
+
+    /// Starts writing a host file: a new temporary file (random name, created exclusively) in the target's
+    /// folder. Write to it, then [`Store::host_commit`] it.
+    pub fn host_create(&self, path: &VPath) -> Result<HostWrite> {
+        let dest = self.host_path(path, true)?;
+        let dir = dest.parent().unwrap_or(Path::new("/")).to_owned();
+        let tmp = tempfile::Builder::new()
+            .prefix(".noa-")
+            .tempfile_in(&dir)
+            .map_err(|e| Error::Host {
+                path: path.to_string(),
+                message: e.to_string(),
+            })?;
+        Ok(HostWrite {
+            tmp,
+            dest,
+            shown: path.to_string(),
+        })
+    }
+
+    /// Makes a host write durable and puts it in place (replacing the file, or a link at its name, never
+    /// writing through one), then audits it.
+    pub async fn host_commit(&self, principal: &str, w: HostWrite) -> Result<u64> {
+        let HostWrite { tmp, dest, shown } = w;
+        let host_err = |e: std::io::Error| Error::Host {
+            path: shown.clone(),
+            message: e.to_string(),
+        };
+        tmp.as_file().sync_all().map_err(host_err)?;
+        let size = tmp.as_file().metadata().map_err(host_err)?.len();
+        tmp.persist(&dest).map_err(|e| host_err(e.error))?;
+        if let Some(dir) = dest.parent() {
+            crypto::sync_dir(dir);
+        }
+        self.audit_durable(AuditRecord::new(
+            principal,
+            "fs.write",
+            shown.clone(),
+            "ok",
+            serde_json::json!({ "size": size, "host": true }),
+        ))
+        .await?;
+        Ok(size)
+    }
+
     // ----- secrets -----
 
     pub async fn secret_set(&self, principal: &str, name: &str, value: &[u8]) -> Result<()> {
@@ -613,8 +750,23 @@ impl Store {
     // ----- keys -----
 
     /// Wraps the data key with a new key-encryption key from `new`; no blob is rewritten.
+    /// The old key file is kept as `<key file>.<old key id>`: backups taken before need it to be restored.
     /// Returns the new key id.
     pub async fn rekey(&self, principal: &str, new: KeySource) -> Result<String> {
+        let old_id = self.kek_id();
+        let old = self.key_source();
+        if let KeySource::File(old_path) = &old
+            && old_path.exists()
+        {
+            let keep = retired_key_path(old_path, &old_id);
+            if !keep.exists() {
+                let bytes = crypto::read_key_file(old_path)?.ok_or_else(|| Error::Key {
+                    path: old_path.clone(),
+                    message: "the key file disappeared".into(),
+                })?;
+                crypto::write_key_file(&keep, &bytes)?;
+            }
+        }
         let (kek, salt) = keyring::new_kek(&new)?;
         let id = crypto::kek_id(&kek);
         let wrapped = keyring::wrap(&kek, &self.inner.key)?;
@@ -635,23 +787,20 @@ impl Store {
                 "store.rekey",
                 "keyring",
                 "ok",
-                serde_json::json!({"kind": new.kind(), "key_id": id}),
+                serde_json::json!({"kind": new.kind(), "key_id": id, "previous_key_id": old_id}),
             )),
         )
         .await?;
         keyring::commit_key_file(&new)?;
-        let old = std::mem::replace(
-            &mut *self
-                .inner
-                .key_source
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()),
-            new.clone(),
-        );
-        // A key file that no longer unlocks anything would only confuse whoever finds it.
+        // A key file that no longer unlocks the store would only confuse whoever finds it (a copy is kept).
         if let (KeySource::File(old_path), KeySource::Passphrase(_)) = (&old, &new) {
             let _ = std::fs::remove_file(old_path);
         }
+        *self
+            .inner
+            .key_source
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = new;
         *self.inner.kek_id.lock().unwrap_or_else(|e| e.into_inner()) = id.clone();
         Ok(id)
     }

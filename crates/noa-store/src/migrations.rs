@@ -87,6 +87,7 @@ pub(crate) const MIGRATIONS: &[(u32, &str)] = &[
     CREATE INDEX audit_action ON audit(action, seq);
     CREATE TABLE audit_checkpoints (
         seq INTEGER PRIMARY KEY,
+        prev_seq INTEGER NOT NULL,
         hash BLOB NOT NULL,
         key_id TEXT NOT NULL,
         signature BLOB NOT NULL,

@@ -479,7 +479,13 @@ async fn audit_verify_names_edits_removals_and_reorders() {
     drop(store);
     let fresh = |sql: &str| {
         let d = tempfile::tempdir().unwrap();
-        for f in ["noa.db", "noa.db-wal", "store.key", "node.key"] {
+        for f in [
+            "noa.db",
+            "noa.db-wal",
+            "store.key",
+            "node.key",
+            "audit.head",
+        ] {
             let _ = std::fs::copy(dir.path().join(f), d.path().join(f));
         }
         tamper(&d.path().join("noa.db"), sql);

@@ -348,15 +348,12 @@ impl<'k> BlobWriter<'k> {
         }
     }
 
-    /// Seals the blob and makes it durable under its id.
-    pub fn finish(self) -> Result<StagedBlob> {
-        let BlobWriter {
-            key,
-            head,
-            file,
-            blobs_dir,
-        } = self;
-        let Some((sealer, tmp)) = file else {
+    /// Seals the blob and makes it durable under its id. (Dropping the writer instead abandons the blob.)
+    pub fn finish(mut self) -> Result<StagedBlob> {
+        let key = self.key;
+        let head = std::mem::take(&mut self.head);
+        let blobs_dir = std::mem::take(&mut self.blobs_dir);
+        let Some((sealer, tmp)) = self.file.take() else {
             // One chunk at most: sealed in memory and kept in the database.
             let mut sealer = BlobSealer::new(key, Vec::with_capacity(head.len() + 64))?;
             sealer.write(&head)?;
@@ -379,9 +376,17 @@ impl<'k> BlobWriter<'k> {
             } else {
                 drop(file.finish().map_err(Error::BlobIo)?);
                 let dir = dest.parent().unwrap_or(&blobs_dir);
+                let new_dir = !dir.exists();
                 std::fs::create_dir_all(dir).map_err(Error::BlobIo)?;
                 std::fs::rename(&tmp, &dest).map_err(Error::BlobIo)?;
                 crate::crypto::sync_dir(dir);
+                if new_dir {
+                    // The new folder's own entry must be durable too, or the blob could vanish after a crash.
+                    crate::crypto::sync_dir(&blobs_dir);
+                    if let Some(data_dir) = blobs_dir.parent() {
+                        crate::crypto::sync_dir(data_dir);
+                    }
+                }
             }
             Ok(StagedBlob {
                 id,
@@ -396,8 +401,50 @@ impl<'k> BlobWriter<'k> {
     }
 }
 
+impl Drop for BlobWriter<'_> {
+    fn drop(&mut self) {
+        // Not finished: the staged file is garbage.
+        if let Some((_, tmp)) = self.file.take() {
+            let _ = std::fs::remove_file(tmp);
+        }
+    }
+}
+
+/// Removes blob files that no database row references (left by writes that failed or were cut off after
+/// their blob was staged). Only safe while nothing else writes: the store runs it when it opens.
+pub(crate) fn collect_garbage(conn: &Connection, blobs_dir: &Path) -> Result<usize> {
+    let Ok(top) = std::fs::read_dir(blobs_dir) else {
+        return Ok(0);
+    };
+    let mut known = std::collections::HashSet::new();
+    {
+        let mut st = conn.prepare("SELECT id FROM blobs WHERE inline IS NULL")?;
+        for id in st.query_map([], |r| r.get::<_, String>(0))? {
+            known.insert(id?);
+        }
+    }
+    let mut removed = 0;
+    for sub in top.flatten() {
+        let name = sub.file_name().to_string_lossy().into_owned();
+        if name.len() != 2 || !sub.path().is_dir() {
+            continue;
+        }
+        for f in std::fs::read_dir(sub.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let id = f.file_name().to_string_lossy().into_owned();
+            if !known.contains(&id) && std::fs::remove_file(f.path()).is_ok() {
+                removed += 1;
+            }
+        }
+    }
+    Ok(removed)
+}
+
 pub(crate) fn blob_path(blobs_dir: &Path, id: &str) -> PathBuf {
-    blobs_dir.join(&id[..2.min(id.len())]).join(id)
+    blobs_dir.join(id.get(..2).unwrap_or(id)).join(id)
 }
 
 /// One change in a VFS transaction.
@@ -563,8 +610,8 @@ pub(crate) fn apply(
 
 /// Where a stored file's contents are.
 pub(crate) enum BlobLocation {
-    Inline(Vec<u8>),
-    File(PathBuf),
+    Inline(String, Vec<u8>),
+    File(String, PathBuf),
 }
 
 pub(crate) fn locate(
@@ -644,8 +691,11 @@ pub(crate) fn locate(
         .query_row(params![blob], |r| r.get(0))
         .optional()?;
     match inline {
-        Some(Some(bytes)) => Ok((info, BlobLocation::Inline(bytes))),
-        Some(None) => Ok((info, BlobLocation::File(blob_path(blobs_dir, &blob)))),
+        Some(Some(bytes)) => Ok((info, BlobLocation::Inline(blob, bytes))),
+        Some(None) => {
+            let path = blob_path(blobs_dir, &blob);
+            Ok((info, BlobLocation::File(blob, path)))
+        }
         None => Err(Error::Corrupt {
             what: format!("file {path}"),
             message: format!("its blob {blob} is not in the blob table"),
@@ -658,6 +708,7 @@ pub(crate) fn locate(
 pub struct FileReader {
     key: std::sync::Arc<DataKey>,
     source: ReaderSource,
+    id: String,
     pub info: FileInfo,
 }
 
@@ -669,13 +720,15 @@ enum ReaderSource {
 
 impl FileReader {
     pub(crate) fn new(key: std::sync::Arc<DataKey>, info: FileInfo, loc: BlobLocation) -> Self {
+        let (id, source) = match loc {
+            BlobLocation::Inline(id, b) => (id, ReaderSource::Inline(Some(b))),
+            BlobLocation::File(id, p) => (id, ReaderSource::File(p)),
+        };
         FileReader {
             key,
             info,
-            source: match loc {
-                BlobLocation::Inline(b) => ReaderSource::Inline(Some(b)),
-                BlobLocation::File(p) => ReaderSource::File(p),
-            },
+            source,
+            id,
         }
     }
 
@@ -688,7 +741,7 @@ impl FileReader {
         match self.source {
             ReaderSource::Inline(b) => {
                 let b = b.unwrap_or_default();
-                let mut o = BlobOpener::new(&self.key, &b[..], &what)?;
+                let mut o = BlobOpener::new(&self.key, &b[..], &self.id, &what)?;
                 while let Some(c) = o.next_chunk()? {
                     if each(c).is_err() {
                         break;
@@ -700,7 +753,7 @@ impl FileReader {
                     what: what.clone(),
                     message: format!("its blob file {} cannot be read: {e}", p.display()),
                 })?;
-                let mut o = BlobOpener::new(&self.key, ReadAhead::new(f), &what)?;
+                let mut o = BlobOpener::new(&self.key, ReadAhead::new(f), &self.id, &what)?;
                 while let Some(c) = o.next_chunk()? {
                     if each(c).is_err() {
                         break;

@@ -70,6 +70,8 @@ const MAX_BATCH: usize = 1024;
 pub(crate) struct WriterState {
     pub chain: Chain,
     pub quotas: Quotas,
+    /// Where the newest signed checkpoint is published after its batch commits.
+    pub head_file: std::path::PathBuf,
 }
 
 pub(crate) fn start(conn: Connection, state: WriterState) -> Result<mpsc::Sender<Command>> {
@@ -104,6 +106,8 @@ fn run(mut conn: Connection, rx: mpsc::Receiver<Command>, mut state: WriterState
         });
         if outcome.is_err() {
             state.chain = chain_before;
+        } else if let Some(head) = state.chain.pending_head.take() {
+            head.write(&state.head_file);
         }
         match outcome {
             Ok(()) => {

@@ -509,6 +509,7 @@ pub fn store(data_dir: &Path, c: &StoreCommand, json_out: bool) -> CliResult<()>
         return Err(fail(format!("there is no store in {}", data_dir.display())));
     }
     let store = noa_node::store::Store::open_with(&db, opts).map_err(fail)?;
+    let old_id = store.kek_id();
     let to = to.clone().unwrap_or_else(|| {
         if cfg.uses_passphrase() {
             "passphrase"
@@ -538,17 +539,31 @@ pub fn store(data_dir: &Path, c: &StoreCommand, json_out: bool) -> CliResult<()>
         .enable_all()
         .build()
         .map_err(fail)?;
-    let id = runtime
-        .block_on(store.rekey("user:admin", new))
-        .map_err(fail)?;
-    runtime.block_on(store.flush()).map_err(fail)?;
-    if to == "file" && cfg.uses_passphrase() || to == "passphrase" && !cfg.uses_passphrase() {
+    // The configuration names the new kind before the keyring changes; if the rekey fails it is put back.
+    let switching =
+        to == "file" && cfg.uses_passphrase() || to == "passphrase" && !cfg.uses_passphrase();
+    if switching {
         noa_node::config::set(data_dir, "store.key", &to).map_err(fail)?;
     }
+    let id = match runtime.block_on(store.rekey("user:admin", new)) {
+        Ok(id) => id,
+        Err(e) => {
+            if switching {
+                let back = if to == "file" { "passphrase" } else { "file" };
+                let _ = noa_node::config::set(data_dir, "store.key", back);
+            }
+            return Err(fail(e));
+        }
+    };
+    runtime.block_on(store.flush()).map_err(fail)?;
     if json_out {
         print_json(&json!({ "key_id": id, "kind": to }));
     } else {
         println!("the data key is now wrapped by {to} key {id}; no file was rewritten");
+        println!(
+            "backups taken before need the previous key, kept as {}",
+            noa_node::store::retired_key_path(&data_dir.join("store.key"), &old_id).display()
+        );
         if to == "file" {
             println!(
                 "keep a copy of {} somewhere safe",
