@@ -10,8 +10,9 @@ setup:
 build: setup
 	$(CARGO) build --release -p noa
 
-## Installs what is missing, builds, and runs `noa up` in the foreground (Ctrl-C stops it).
+## Installs what is missing, builds, installs the bundled model, and runs `noa up` in the foreground (Ctrl-C stops it).
 run: build
+	$(CARGO) run --release --locked -p noa -- model pull smollm2
 	$(CARGO) run --release --locked -p noa -- up --listen $(NOA_LISTEN)
 
 ## Formatting, lints, and every test (unit, property, integration against the real daemon).

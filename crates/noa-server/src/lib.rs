@@ -8,6 +8,7 @@ mod api;
 mod error;
 mod files;
 mod metrics;
+mod openai;
 mod openapi;
 mod streams;
 mod trust;
@@ -71,9 +72,17 @@ pub struct AppState {
     pub(crate) listen: Arc<str>,
     /// When a successful login was last audited (ms since the epoch).
     pub(crate) last_login_audit: Arc<std::sync::atomic::AtomicU64>,
+    /// The inference engine, when the node runs one.
+    pub(crate) engine: Option<noa_infer::Engine>,
 }
 
 impl AppState {
+    /// Serves the OpenAI API and the model manager from `engine`.
+    pub fn with_engine(mut self, engine: noa_infer::Engine) -> Self {
+        self.engine = Some(engine);
+        self
+    }
+
     pub fn new(
         kernel: Kernel,
         admin_token: &str,
@@ -90,6 +99,7 @@ impl AppState {
             shutdown,
             listen: Arc::from(listen.to_string()),
             last_login_audit: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            engine: None,
         }
     }
 }
@@ -217,6 +227,11 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/audit/verify", get(trust::audit_verify))
         .route("/api/v1/backup", get(trust::backup))
         .route("/api/v1/config", get(trust::config))
+        .route("/api/v1/models", get(openai::installed))
+        .route("/api/v1/models/{name}/load", post(openai::load))
+        .route("/api/v1/models/{name}/unload", post(openai::unload))
+        .route("/v1/models", get(openai::models))
+        .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/api/v1/openapi.json", get(api::openapi_doc))
         .route("/metrics", get(metrics::render))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));

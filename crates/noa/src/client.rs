@@ -241,12 +241,25 @@ impl Client {
         self.finish(resp)
     }
 
-    /// Reads a Server-Sent Events stream, calling `on_event(event, data)` until it returns false or the stream ends.
-    pub fn stream(
+    /// POSTs `body` and reads the answer as a Server-Sent Events stream (see [`Client::stream`]).
+    pub fn post_stream(
         &self,
         path: &str,
-        mut on_event: impl FnMut(&str, &str) -> bool,
+        body: &Value,
+        on_event: impl FnMut(&str, &str) -> bool,
     ) -> CliResult<()> {
+        let resp = self
+            .stream_agent
+            .post(format!("{}{path}", self.base))
+            .header("Authorization", format!("Bearer {}", self.token()?))
+            .header("Accept", "text/event-stream")
+            .send_json(body)
+            .map_err(|e| self.unreachable(e))?;
+        self.read_stream(resp, on_event)
+    }
+
+    /// Reads a Server-Sent Events stream, calling `on_event(event, data)` until it returns false or the stream ends.
+    pub fn stream(&self, path: &str, on_event: impl FnMut(&str, &str) -> bool) -> CliResult<()> {
         let resp = self
             .stream_agent
             .get(format!("{}{path}", self.base))
@@ -254,6 +267,14 @@ impl Client {
             .header("Accept", "text/event-stream")
             .call()
             .map_err(|e| self.unreachable(e))?;
+        self.read_stream(resp, on_event)
+    }
+
+    fn read_stream(
+        &self,
+        resp: ureq::http::Response<ureq::Body>,
+        mut on_event: impl FnMut(&str, &str) -> bool,
+    ) -> CliResult<()> {
         if !resp.status().is_success() {
             return self.finish(resp).map(|_| ());
         }

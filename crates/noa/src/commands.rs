@@ -30,6 +30,13 @@ pub fn run(cli: Cli) -> CliResult<()> {
     }
     // Commands that work on the data directory itself, without a daemon.
     match &cli.command {
+        Command::Model(
+            c @ (crate::cli::ModelCommand::List
+            | crate::cli::ModelCommand::Pull { .. }
+            | crate::cli::ModelCommand::Add { .. }
+            | crate::cli::ModelCommand::Show { .. }
+            | crate::cli::ModelCommand::Rm { .. }),
+        ) => return crate::infer::model_offline(&data_dir, c, json_out),
         Command::Config(c) => {
             let client = Client::new(cli.global.addr.clone(), cli.global.token.clone(), &data_dir);
             return crate::trust::config(&data_dir, &client, c, json_out);
@@ -54,6 +61,8 @@ pub fn run(cli: Cli) -> CliResult<()> {
         | Command::Backup(BackupCommand::Verify { .. } | BackupCommand::Restore { .. }) => {
             unreachable!("handled above")
         }
+        Command::Model(c) => crate::infer::model_daemon(&client, c, json_out),
+        Command::Ask(a) => crate::infer::ask(&client, a, json_out),
         Command::Fs(c) => crate::trust::fs(&client, c, json_out),
         Command::Secret(c) => crate::trust::secret(&client, c, json_out),
         Command::Backup(c) => crate::trust::backup_create(&client, c, json_out),

@@ -3,6 +3,7 @@
 mod cli;
 mod client;
 mod commands;
+mod infer;
 mod output;
 mod trust;
 

