@@ -5,6 +5,7 @@
 //! `Node::run` serves until the shutdown future resolves, then stops every process in reverse start order
 //! and flushes the store. Nothing below this crate knows it exists.
 
+pub mod ai;
 pub mod config;
 mod error;
 
@@ -270,6 +271,10 @@ impl Node {
                 max_loaded: config.count("infer.max_loaded") as usize,
             },
         );
+        ai::serve(kernel.bus().clone(), engine.clone()).map_err(|e| Error::DataDir {
+            path: dir.clone(),
+            message: format!("cannot serve {}: {e}", ai::SUBJECT),
+        })?;
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let state = AppState::new(
             kernel.clone(),

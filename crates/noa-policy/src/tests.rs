@@ -232,3 +232,18 @@ fn agents_keep_to_their_files_and_granted_secrets() {
         .unwrap();
     }
 }
+
+#[test]
+fn agents_may_ask_the_models() {
+    let p = Policy::default_policy();
+    p.authorize(&agent("bot"), Action::Request, &subj("ai.infer"), false)
+        .unwrap();
+    assert!(
+        p.authorize(&agent("bot"), Action::Subscribe, &subj("ai.infer"), false)
+            .is_err()
+    );
+    assert!(
+        p.authorize(&agent("bot"), Action::Request, &subj("ai.other"), false)
+            .is_err()
+    );
+}

@@ -154,6 +154,28 @@ fn ask_streams_and_the_openai_api_answers() {
         (400, Some("context_length_exceeded")),
         "{v}"
     );
+    // The same engine on the bus, for agents and workflows.
+    let out = d.ok(&[
+        "req",
+        "ai.infer",
+        r#"{"prompt":"What is the capital of France?","max_tokens":24,"temperature":0}"#,
+        "--timeout",
+        "60s",
+    ]);
+    assert!(out.contains("Paris"), "{out}");
+    let o = d.noa(&[
+        "req",
+        "ai.infer",
+        r#"{"model":"nope","prompt":"x"}"#,
+        "--timeout",
+        "10s",
+    ]);
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(all.contains("NOA-E0800"), "{all}");
     // The model is loaded now; ps shows it; unload frees it.
     assert!(d.ok(&["model", "ps"]).contains("smollm2"));
     assert!(d.ok(&["model", "unload", "smollm2"]).contains("unloaded"));

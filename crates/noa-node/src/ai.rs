@@ -1,0 +1,137 @@
+//! The inference engine on the bus: requests on `ai.infer` (queue group `ai`) are chat completions, so agents
+//! and workflows use models by name without HTTP.
+//!
+//! Request: `{"model"?: "smollm2", "messages"?: [{"role","content"}], "prompt"?: "...", "system"?: "...",
+//! "max_tokens"?, "temperature"?, "top_p"?, "top_k"?, "min_p"?, "seed"?, "stop"?: [..]}` (a `prompt` is one user
+//! message). Reply: `{"model", "text", "usage": {...}}`, or `{"error": "..."}` with a `noa-error` header.
+
+use noa_bus::{Bus, Message};
+use noa_infer::{ChatMessage, Engine, GenerateParams};
+use serde_json::{Value, json};
+
+/// The subject the engine answers on.
+pub const SUBJECT: &str = "ai.infer";
+
+/// The model used when a request names none.
+pub const DEFAULT_MODEL: &str = "smollm2";
+
+fn parse(v: &Value) -> Result<(String, Vec<ChatMessage>, GenerateParams), String> {
+    let model = v
+        .get("model")
+        .map(|m| {
+            m.as_str()
+                .map(str::to_owned)
+                .ok_or("model must be a string")
+        })
+        .transpose()?
+        .unwrap_or_else(|| DEFAULT_MODEL.to_owned());
+    let mut messages = Vec::new();
+    if let Some(s) = v.get("system") {
+        let s = s.as_str().ok_or("system must be a string")?;
+        messages.push(ChatMessage {
+            role: "system".into(),
+            content: s.into(),
+        });
+    }
+    if let Some(list) = v.get("messages") {
+        for (i, m) in list
+            .as_array()
+            .ok_or("messages must be an array")?
+            .iter()
+            .enumerate()
+        {
+            let role = m["role"]
+                .as_str()
+                .ok_or(format!("messages[{i}].role must be a string"))?;
+            let content = m["content"]
+                .as_str()
+                .ok_or(format!("messages[{i}].content must be a string"))?;
+            messages.push(ChatMessage {
+                role: role.into(),
+                content: content.into(),
+            });
+        }
+    }
+    if let Some(p) = v.get("prompt") {
+        messages.push(ChatMessage {
+            role: "user".into(),
+            content: p.as_str().ok_or("prompt must be a string")?.into(),
+        });
+    }
+    let mut params = GenerateParams::default();
+    let num = |k: &str| v.get(k).and_then(Value::as_f64);
+    if let Some(m) = v.get("max_tokens") {
+        params.max_tokens =
+            m.as_u64()
+                .filter(|m| (1..=32_768).contains(m))
+                .ok_or("max_tokens must be a whole number from 1 to 32768")? as u32;
+    }
+    if let Some(t) = num("temperature") {
+        params.temperature = t as f32;
+    }
+    if let Some(t) = num("top_p") {
+        params.top_p = t as f32;
+    }
+    if let Some(t) = num("min_p") {
+        params.min_p = t as f32;
+    }
+    if let Some(t) = v.get("top_k").and_then(Value::as_i64) {
+        params.top_k = t as i32;
+    }
+    if let Some(s) = v.get("seed").and_then(Value::as_u64) {
+        params.seed = s as u32;
+    }
+    if let Some(stop) = v.get("stop") {
+        params.stop = stop
+            .as_array()
+            .ok_or("stop must be an array of strings")?
+            .iter()
+            .map(|s| {
+                s.as_str()
+                    .map(str::to_owned)
+                    .ok_or("stop must be an array of strings")
+            })
+            .collect::<Result<_, _>>()?;
+    }
+    Ok((model, messages, params))
+}
+
+/// Answers `ai.infer` until the bus closes.
+pub fn serve(bus: Bus, engine: Engine) -> Result<(), noa_bus::Error> {
+    let mut sub = bus.subscribe(SUBJECT, Some("ai"), 256)?;
+    tokio::spawn(async move {
+        while let Some(msg) = sub.recv().await {
+            let Some(reply) = msg.reply.clone() else {
+                continue;
+            };
+            let bus = bus.clone();
+            let engine = engine.clone();
+            tokio::spawn(async move {
+                let request: Result<Value, String> = serde_json::from_slice(&msg.payload)
+                    .map_err(|e| format!("the request is not JSON: {e}"));
+                let outcome = match request.and_then(|v| parse(&v)) {
+                    Err(e) => Err(e),
+                    Ok((model, messages, params)) => engine
+                        .chat_text(&model, messages, params)
+                        .await
+                        .map(
+                            |(text, usage)| json!({ "model": model, "text": text, "usage": usage }),
+                        )
+                        .map_err(|e| e.to_string()),
+                };
+                let answer = match outcome {
+                    Ok(v) => Message::new(reply, v.to_string()),
+                    Err(e) => {
+                        let m = Message::new(reply, json!({ "error": e }).to_string());
+                        let header = e.replace(['\r', '\n'], " ");
+                        m.clone()
+                            .with_headers([("noa-error".to_string(), header)].into())
+                            .unwrap_or(m)
+                    }
+                };
+                let _ = bus.publish(answer);
+            });
+        }
+    });
+    Ok(())
+}
