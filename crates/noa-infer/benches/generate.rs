@@ -54,7 +54,6 @@ fn raw(backend: &LlamaBackend, model: &LlamaModel) -> (f64, f64) {
     let mut first = None;
     for (n, pos) in (0..TOKENS).zip(tokens.len() as i32..) {
         let token = sampler.sample(&ctx, batch.n_tokens() - 1);
-        sampler.accept(token);
         let _ = vocab.token_to_piece(token, false, None);
         if n == 0 {
             first = Some(started.elapsed());

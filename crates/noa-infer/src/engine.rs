@@ -65,6 +65,8 @@ pub struct GenerateParams {
     pub repeat_penalty: f32,
     pub seed: u32,
     pub stop: Vec<String>,
+    /// A GBNF grammar (root rule `root`) the output must follow; see [`crate::grammar`].
+    pub grammar: Option<String>,
 }
 
 impl Default for GenerateParams {
@@ -78,6 +80,7 @@ impl Default for GenerateParams {
             repeat_penalty: 1.1,
             seed: 0xC0FFEE,
             stop: Vec::new(),
+            grammar: None,
         }
     }
 }
@@ -498,13 +501,21 @@ fn worker(
                             .map_err(|e| format!("decode failed: {e}"))?;
                         pos += chunk.len() as i32;
                     }
-                    let mut chain = vec![LlamaSampler::penalties(
+                    let mut chain = Vec::new();
+                    if let Some(g) = &params.grammar {
+                        chain.push(
+                            LlamaSampler::grammar(&model, g, "root").map_err(|e| {
+                                format!("GRAMMAR the grammar is not valid GBNF: {e}")
+                            })?,
+                        );
+                    }
+                    chain.push(LlamaSampler::penalties(
                         vocab.n_tokens(),
                         64,
                         params.repeat_penalty,
                         0.0,
                         0.0,
-                    )];
+                    ));
                     if params.temperature <= 0.0 {
                         chain.push(LlamaSampler::greedy());
                     } else {
@@ -523,7 +534,6 @@ fn worker(
                     let mut finish = "length";
                     while produced < params.max_tokens {
                         let token = sampler.sample(&ctx, batch.n_tokens() - 1);
-                        sampler.accept(token);
                         produced += 1;
                         if vocab.is_eog(token) {
                             finish = "stop";

@@ -7,6 +7,7 @@
 mod engine;
 mod error;
 pub mod gguf;
+pub mod grammar;
 pub mod models;
 
 pub use engine::{ChatMessage, Engine, EngineOptions, Event, GenerateParams, LoadedInfo, Usage};

@@ -197,3 +197,40 @@ async fn a_corrupt_model_file_fails_clearly() {
     let err = s.add(&junk, None, &mut |_, _| {}).unwrap_err().to_string();
     assert!(err.contains("not a GGUF file"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn constrained_output_is_valid_json_of_the_schema() {
+    let e = engine(2);
+    let schema = serde_json::json!({
+        "type": "object",
+        "properties": { "city": { "type": "string" }, "population": { "type": "integer" },
+                        "capital": { "type": "boolean" } }
+    });
+    let p = GenerateParams {
+        grammar: Some(grammar::from_json_schema(&schema).unwrap()),
+        ..greedy(60)
+    };
+    let (t, _) = e
+        .chat_text(
+            "smollm2",
+            ask("Describe Paris as JSON with city, population and capital."),
+            p,
+        )
+        .await
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&t).unwrap_or_else(|err| panic!("{err}: {t}"));
+    assert!(
+        v["city"].is_string() && v["population"].is_i64() && v["capital"].is_boolean(),
+        "{v}"
+    );
+    let p = GenerateParams {
+        grammar: Some("root ::= (".into()),
+        ..greedy(5)
+    };
+    let err = e
+        .chat_text("smollm2", ask("x"), p)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("not valid GBNF"), "{err}");
+}

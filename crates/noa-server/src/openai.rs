@@ -188,6 +188,11 @@ pub struct ChatRequest {
     stop: Option<Stop>,
     #[serde(default)]
     n: Option<u32>,
+    #[serde(default)]
+    response_format: Option<Value>,
+    /// A NOA extension: a GBNF grammar (root rule `root`) the answer must follow.
+    #[serde(default)]
+    grammar: Option<String>,
 }
 
 /// Most tokens one request may ask for.
@@ -242,6 +247,37 @@ fn params(r: &ChatRequest) -> Result<GenerateParams, OpenAiError> {
     if p.stop.len() > 4 {
         return Err(OpenAiError::bad(Some("stop"), "at most 4 stop sequences"));
     }
+    p.grammar =
+        match (&r.response_format, &r.grammar) {
+            (Some(_), Some(_)) => {
+                return Err(OpenAiError::bad(
+                    Some("grammar"),
+                    "give response_format or grammar, not both",
+                ));
+            }
+            (None, g) => g.clone(),
+            (Some(f), None) => match f["type"].as_str() {
+                Some("text") => None,
+                Some("json_object") => Some(noa_infer::grammar::JSON_OBJECT.to_owned()),
+                Some("json_schema") => {
+                    let schema = f["json_schema"].get("schema").ok_or_else(|| {
+                        OpenAiError::bad(
+                            Some("response_format.json_schema.schema"),
+                            "a json_schema response format needs json_schema.schema",
+                        )
+                    })?;
+                    Some(noa_infer::grammar::from_json_schema(schema).map_err(|e| {
+                        OpenAiError::bad(Some("response_format.json_schema.schema"), e)
+                    })?)
+                }
+                _ => {
+                    return Err(OpenAiError::bad(
+                        Some("response_format.type"),
+                        "response_format.type must be text, json_object or json_schema",
+                    ));
+                }
+            },
+        };
     if r.n.is_some_and(|n| n != 1) {
         return Err(OpenAiError::bad(Some("n"), "only n = 1 is supported"));
     }
@@ -394,6 +430,9 @@ fn async_stream(
 }
 
 fn generation_error(e: String) -> OpenAiError {
+    if let Some(m) = e.strip_prefix("GRAMMAR ") {
+        return OpenAiError::bad(Some("grammar"), m);
+    }
     match e.strip_prefix("CONTEXT ") {
         Some(m) => OpenAiError {
             status: StatusCode::BAD_REQUEST,

@@ -110,6 +110,33 @@ fn ask_streams_and_the_openai_api_answers() {
             .is_empty()
     );
     assert!(v["usage"]["total_tokens"].as_u64().unwrap() > 5);
+    // Structured output: the answer parses and has the schema's fields.
+    let (s, v) = post(
+        &d,
+        "/v1/chat/completions",
+        &json!({"model": "smollm2", "temperature": 0, "max_tokens": 60,
+                "messages": [{"role": "user", "content": "Give the name and age of a person as JSON."}],
+                "response_format": {"type": "json_schema", "json_schema": {"name": "person", "schema": {
+                    "type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}}}}}}),
+    );
+    assert_eq!(s, 200, "{v}");
+    let answer: Value =
+        serde_json::from_str(v["choices"][0]["message"]["content"].as_str().unwrap()).unwrap();
+    assert!(
+        answer["name"].is_string() && answer["age"].is_i64(),
+        "{answer}"
+    );
+    let (s, v) = post(
+        &d,
+        "/v1/chat/completions",
+        &json!({"model": "smollm2", "messages": [{"role": "user", "content": "x"}],
+                "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "date"}}}}),
+    );
+    assert_eq!(
+        (s, v["error"]["param"].as_str()),
+        (400, Some("response_format.json_schema.schema")),
+        "{v}"
+    );
     // Bad input: OpenAI-shaped errors naming the field.
     for (body, param) in [
         (
