@@ -76,9 +76,9 @@ fn main() {
     let (info, _) = store
         .pull("smollm2", &mut |_, _| {})
         .expect("the bundled model (run scripts/setup.sh)");
-    let backend = LlamaBackend::init().unwrap();
+    let backend = noa_infer::backend().unwrap();
     let model =
-        LlamaModel::load_from_file(&backend, &info.file, &LlamaModelParams::default()).unwrap();
+        LlamaModel::load_from_file(backend, &info.file, &LlamaModelParams::default()).unwrap();
     let engine = Engine::new(
         store.clone(),
         EngineOptions {
@@ -107,7 +107,7 @@ fn main() {
     rt.block_on(engine.load("smollm2", true)).unwrap();
     let (mut raw_tps, mut raw_ttft, mut eng_tps, mut eng_ttft) = (vec![], vec![], vec![], vec![]);
     for _ in 0..5 {
-        let (t, s) = raw(&backend, &model);
+        let (t, s) = raw(backend, &model);
         raw_ttft.push(t);
         raw_tps.push(s);
         let (_, usage) = rt

@@ -109,6 +109,8 @@ enum Job {
         messages: Vec<ChatMessage>,
         params: GenerateParams,
         events: tmpsc::Sender<Event>,
+        /// The model's count of requests queued or running; the worker lowers it when this one ends.
+        in_flight: Arc<std::sync::atomic::AtomicUsize>,
     },
 }
 
@@ -153,8 +155,8 @@ impl std::fmt::Debug for Engine {
     }
 }
 
-/// llama.cpp's backend may be initialized once per process.
-fn backend() -> std::result::Result<&'static LlamaBackend, String> {
+/// llama.cpp's backend, initialized once per process (a second `LlamaBackend::init` fails).
+pub fn backend() -> std::result::Result<&'static LlamaBackend, String> {
     static BACKEND: OnceLock<std::result::Result<LlamaBackend, String>> = OnceLock::new();
     BACKEND
         .get_or_init(|| {
@@ -339,12 +341,12 @@ impl Engine {
         l.last_used = Instant::now();
         let counter = l.in_flight.clone();
         counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let (events_tx, mut events_rx) = tmpsc::channel::<Event>(64);
         if l.jobs
             .send(Job::Chat {
                 messages,
                 params,
-                events: events_tx,
+                events: tx,
+                in_flight: counter.clone(),
             })
             .is_err()
         {
@@ -354,15 +356,6 @@ impl Engine {
                 "the worker of {model} has stopped; try again"
             )));
         }
-        // Relay, so the in-flight count drops when the request ends however it ends.
-        tokio::spawn(async move {
-            while let Some(ev) = events_rx.recv().await {
-                if tx.send(ev).await.is_err() {
-                    break;
-                }
-            }
-            counter.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-        });
         Ok(rx)
     }
 
@@ -456,6 +449,7 @@ fn worker(
                 messages,
                 params,
                 events,
+                in_flight,
             } => {
                 let started = Instant::now();
                 let result = (|| -> std::result::Result<Usage, String> {
@@ -616,6 +610,7 @@ fn worker(
                     Ok(u) => Event::Done(u),
                     Err(e) => Event::Error(e),
                 });
+                in_flight.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
             }
         }
     }

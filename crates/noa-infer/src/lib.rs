@@ -10,7 +10,9 @@ pub mod gguf;
 pub mod grammar;
 pub mod models;
 
-pub use engine::{ChatMessage, Engine, EngineOptions, Event, GenerateParams, LoadedInfo, Usage};
+pub use engine::{
+    ChatMessage, Engine, EngineOptions, Event, GenerateParams, LoadedInfo, Usage, backend,
+};
 pub use error::{Error, Result};
 pub use models::{CATALOG, ModelInfo, ModelStore};
 
