@@ -32,6 +32,7 @@ bench: setup
 	$(CARGO) bench --locked -p noa-policy --bench policy
 	$(CARGO) bench --locked -p noa-sandbox --bench spawn
 	$(CARGO) bench --locked -p noa-store --bench trust
+	$(CARGO) bench --locked -p noa-infer --bench generate
 	$(CARGO) build --release --locked -p noa
 	bench/startup.sh
 
