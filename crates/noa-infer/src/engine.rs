@@ -107,6 +107,8 @@ pub struct Usage {
 enum Job {
     Chat {
         messages: Vec<ChatMessage>,
+        /// A prompt used as it is, without the chat template (for plain completions).
+        raw_prompt: Option<String>,
         params: GenerateParams,
         events: tmpsc::Sender<Event>,
         /// The model's count of requests queued or running; the worker lowers it when this one ends.
@@ -329,6 +331,29 @@ impl Engine {
                 "messages: at least one message is needed".into(),
             ));
         }
+        self.submit(model, messages, None, params)
+    }
+
+    /// Starts a plain completion of `prompt` (no chat template); events as for [`Engine::chat`].
+    pub fn complete(
+        &self,
+        model: &str,
+        prompt: String,
+        params: GenerateParams,
+    ) -> Result<tmpsc::Receiver<Event>> {
+        if prompt.is_empty() {
+            return Err(Error::BadRequest("prompt must not be empty".into()));
+        }
+        self.submit(model, Vec::new(), Some(prompt), params)
+    }
+
+    fn submit(
+        &self,
+        model: &str,
+        messages: Vec<ChatMessage>,
+        raw_prompt: Option<String>,
+        params: GenerateParams,
+    ) -> Result<tmpsc::Receiver<Event>> {
         if params.max_tokens == 0 {
             return Err(Error::BadRequest("max_tokens must be at least 1".into()));
         }
@@ -344,6 +369,7 @@ impl Engine {
         if l.jobs
             .send(Job::Chat {
                 messages,
+                raw_prompt,
                 params,
                 events: tx,
                 in_flight: counter.clone(),
@@ -447,6 +473,7 @@ fn worker(
         match job {
             Job::Chat {
                 messages,
+                raw_prompt,
                 params,
                 events,
                 in_flight,
@@ -458,11 +485,12 @@ fn worker(
                         .map(|m| LlamaChatMessage::new(m.role.clone(), m.content.clone()))
                         .collect::<std::result::Result<_, _>>()
                         .map_err(|e| format!("a message holds a NUL byte: {e}"))?;
-                    let prompt = match &template {
-                        Some(t) => model
+                    let prompt = match (&raw_prompt, &template) {
+                        (Some(p), _) => p.clone(),
+                        (None, Some(t)) => model
                             .apply_chat_template(t, &chat, true)
                             .map_err(|e| format!("the chat template failed: {e}"))?,
-                        None => {
+                        (None, None) => {
                             let mut p = String::new();
                             for m in &messages {
                                 p.push_str(&format!("{}: {}\n", m.role, m.content));

@@ -232,6 +232,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/models/{name}/unload", post(openai::unload))
         .route("/v1/models", get(openai::models))
         .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/completions", post(openai::completions))
         .route("/api/v1/openapi.json", get(api::openapi_doc))
         .route("/metrics", get(metrics::render))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));

@@ -170,6 +170,26 @@ pub struct ChatRequest {
     stream: bool,
     #[serde(default)]
     stream_options: Option<StreamOptions>,
+    #[serde(flatten)]
+    sampling: Sampling,
+}
+
+/// `POST /v1/completions`: a prompt completed as it is, without the chat template.
+#[derive(Debug, Deserialize)]
+pub struct CompletionRequest {
+    model: String,
+    prompt: String,
+    #[serde(default)]
+    stream: bool,
+    #[serde(default)]
+    stream_options: Option<StreamOptions>,
+    #[serde(flatten)]
+    sampling: Sampling,
+}
+
+/// Sampling and output settings shared by both endpoints.
+#[derive(Debug, Deserialize)]
+pub struct Sampling {
     #[serde(default, alias = "max_completion_tokens")]
     max_tokens: Option<u32>,
     #[serde(default)]
@@ -198,7 +218,7 @@ pub struct ChatRequest {
 /// Most tokens one request may ask for.
 const MAX_TOKENS_LIMIT: u32 = 32_768;
 
-fn params(r: &ChatRequest) -> Result<GenerateParams, OpenAiError> {
+fn params(r: &Sampling) -> Result<GenerateParams, OpenAiError> {
     let mut p = GenerateParams::default();
     if let Some(m) = r.max_tokens {
         if m == 0 || m > MAX_TOKENS_LIMIT {
@@ -346,7 +366,7 @@ pub async fn chat_completions(
         false,
     )?;
     let engine = engine(&state)?.clone();
-    let params = params(&req)?;
+    let params = params(&req.sampling)?;
     let msgs = messages(&req)?;
     let mut rx = engine.chat(&req.model, msgs, params)?;
     let id = completion_id();
@@ -427,6 +447,86 @@ fn async_stream(
                 .map(|d| Ok(SseEvent::default().data(d))),
         )
     })
+}
+
+pub async fn completions(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    body: Result<Json<CompletionRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, OpenAiError> {
+    let Json(req) = body.map_err(|e| OpenAiError::bad(None, e.body_text()))?;
+    state.kernel.authorize(
+        &p,
+        Action::Request,
+        &Resource::Subject("ai.infer".into()),
+        false,
+    )?;
+    let engine = engine(&state)?.clone();
+    let mut params = params(&req.sampling)?;
+    // OpenAI's default for plain completions.
+    if req.sampling.max_tokens.is_none() {
+        params.max_tokens = 16;
+    }
+    if req.prompt.is_empty() {
+        return Err(OpenAiError::bad(Some("prompt"), "prompt must not be empty"));
+    }
+    let mut rx = engine.complete(&req.model, req.prompt.clone(), params)?;
+    let id = completion_id().replace("chatcmpl-", "cmpl-");
+    let created = noa_types::now_ms() / 1000;
+    let model = req.model.clone();
+    if !req.stream {
+        let mut text = String::new();
+        while let Some(ev) = rx.recv().await {
+            match ev {
+                Event::Text(t) => text.push_str(&t),
+                Event::Done(u) => {
+                    state
+                        .http
+                        .record_tokens(&p.id(), u.prompt_tokens, u.completion_tokens);
+                    return Ok(Json(json!({
+                        "id": id, "object": "text_completion", "created": created, "model": model,
+                        "choices": [{ "index": 0, "text": text, "logprobs": null, "finish_reason": u.finish_reason }],
+                        "usage": { "prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+                                   "total_tokens": u.prompt_tokens + u.completion_tokens },
+                    }))
+                    .into_response());
+                }
+                Event::Error(e) => return Err(generation_error(e)),
+            }
+        }
+        return Err(generation_error(
+            "the model stopped without finishing".into(),
+        ));
+    }
+    let first = rx.recv().await;
+    if let Some(Event::Error(e)) = first {
+        return Err(generation_error(e));
+    }
+    let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
+    let http = state.http.clone();
+    let who = p.id();
+    let chunk = move |text: &str, finish: Option<&str>| {
+        json!({ "id": id, "object": "text_completion", "created": created, "model": model,
+                "choices": [{ "index": 0, "text": text, "logprobs": null, "finish_reason": finish }] })
+    };
+    let stream = async_stream(first, rx, move |ev| match ev {
+        Event::Text(t) => vec![chunk(&t, None).to_string()],
+        Event::Done(u) => {
+            http.record_tokens(&who, u.prompt_tokens, u.completion_tokens);
+            let mut last = chunk("", Some(&u.finish_reason));
+            if include_usage {
+                last["usage"] = json!({ "prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+                                        "total_tokens": u.prompt_tokens + u.completion_tokens });
+            }
+            vec![last.to_string(), "[DONE]".to_owned()]
+        }
+        Event::Error(e) => {
+            vec![json!({ "error": { "message": e, "type": "server_error" } }).to_string()]
+        }
+    });
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response())
 }
 
 fn generation_error(e: String) -> OpenAiError {

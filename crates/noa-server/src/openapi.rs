@@ -263,6 +263,13 @@ pub const ROUTES: &[(&str, &str, &str, bool, &str)] = &[
         true,
         "Any",
     ),
+    (
+        "post",
+        "/v1/completions",
+        "OpenAI-compatible plain completion of a prompt (no chat template); `stream: true` streams.",
+        true,
+        "Any",
+    ),
     ("get", "/api/v1/openapi.json", "This document.", true, "Any"),
     ("get", "/metrics", "Prometheus metrics.", true, "Any"),
 ];

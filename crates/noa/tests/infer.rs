@@ -110,6 +110,28 @@ fn ask_streams_and_the_openai_api_answers() {
             .is_empty()
     );
     assert!(v["usage"]["total_tokens"].as_u64().unwrap() > 5);
+    // A plain completion, without the chat template.
+    let (s, v) = post(
+        &d,
+        "/v1/completions",
+        &json!({"model": "smollm2", "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}),
+    );
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["object"], "text_completion");
+    assert!(
+        v["choices"][0]["text"].as_str().unwrap().contains("Paris"),
+        "{v}"
+    );
+    let (s, v) = post(
+        &d,
+        "/v1/completions",
+        &json!({"model": "smollm2", "prompt": ""}),
+    );
+    assert_eq!(
+        (s, v["error"]["param"].as_str()),
+        (400, Some("prompt")),
+        "{v}"
+    );
     // Structured output: the answer parses and has the schema's fields.
     let (s, v) = post(
         &d,
