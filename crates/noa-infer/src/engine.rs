@@ -34,6 +34,9 @@ pub struct EngineOptions {
     pub keep_alive: Duration,
     /// Most models loaded at once; the least recently used unpinned one makes room.
     pub max_loaded: usize,
+    /// Most bytes the loaded models may take together (0: no fixed budget). Whatever the budget, a model is
+    /// loaded only if the system's available memory can hold it, so loading never gets the node OOM-killed.
+    pub memory_budget: u64,
 }
 
 impl Default for EngineOptions {
@@ -43,6 +46,7 @@ impl Default for EngineOptions {
             threads: 0,
             keep_alive: Duration::from_secs(300),
             max_loaded: 2,
+            memory_budget: 0,
         }
     }
 }
@@ -275,6 +279,50 @@ impl Engine {
             return Ok(());
         }
         let info = self.inner.store.get(name)?;
+        let need = memory_needed(info.size, self.inner.opts.context);
+        let budget = self.inner.opts.memory_budget;
+        if budget > 0 && need > budget {
+            return Err(Error::Memory {
+                name: name.to_owned(),
+                need,
+                limit: budget,
+                what: "the memory budget (infer.memory_budget)".into(),
+            });
+        }
+        // Room under the budget: evict least recently used unpinned idle models.
+        while budget > 0 && loaded.values().map(|l| l.size).sum::<u64>() + need > budget {
+            let victim = loaded
+                .iter()
+                .filter(|(_, l)| {
+                    !l.pinned && l.in_flight.load(std::sync::atomic::Ordering::SeqCst) == 0
+                })
+                .min_by_key(|(_, l)| l.last_used)
+                .map(|(n, _)| n.clone());
+            match victim {
+                Some(v) => {
+                    tracing::info!(model = %v, "Unloading the least recently used model to stay within the memory budget.");
+                    loaded.remove(&v);
+                }
+                None => {
+                    return Err(Error::Memory {
+                        name: name.to_owned(),
+                        need,
+                        limit: budget - loaded.values().map(|l| l.size).sum::<u64>().min(budget),
+                        what: "what the memory budget leaves beside pinned and busy models".into(),
+                    });
+                }
+            }
+        }
+        if let Some(available) = available_memory()
+            && need > available
+        {
+            return Err(Error::Memory {
+                name: name.to_owned(),
+                need,
+                limit: available,
+                what: "the memory the system has available (MemAvailable)".into(),
+            });
+        }
         while loaded.len() >= self.inner.opts.max_loaded.max(1) {
             let victim = loaded
                 .iter()
@@ -311,7 +359,7 @@ impl Engine {
                 jobs: tx,
                 pinned: false,
                 last_used: Instant::now(),
-                size: info.size,
+                size: need,
                 ready,
                 in_flight: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             },
@@ -403,6 +451,20 @@ impl Engine {
         }
         Err(Error::Engine("the model stopped without finishing".into()))
     }
+}
+
+/// Memory a model needs once loaded: its weights, plus its KV cache and compute buffers (estimated generously
+/// for the context length).
+pub fn memory_needed(file_size: u64, context: u32) -> u64 {
+    file_size + file_size / 10 + (context.max(512) as u64) * 64 * 1024 + (64 << 20)
+}
+
+/// `MemAvailable` from `/proc/meminfo`, in bytes.
+fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// The longest suffix of `text` that is a proper prefix of one of `stops` (held back until it is decided).

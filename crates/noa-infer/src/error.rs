@@ -28,6 +28,15 @@ pub enum Error {
         "NOA-E0808 cannot load {name}: {max} models are loaded and all are pinned or busy; unload one or raise the limit"
     )]
     Busy { name: String, max: usize },
+    #[error(
+        "NOA-E0812 cannot load {name}: it needs about {need} bytes, more than {what} ({limit} bytes); unload models or raise the budget"
+    )]
+    Memory {
+        name: String,
+        need: u64,
+        limit: u64,
+        what: String,
+    },
     #[error("NOA-E0809 bad request: {0}")]
     BadRequest(String),
     #[error("NOA-E0810 generation failed: {0}")]

@@ -24,6 +24,7 @@ fn engine(max_loaded: usize) -> Engine {
             threads: 2,
             keep_alive: std::time::Duration::from_secs(60),
             max_loaded,
+            memory_budget: 0,
         },
     )
 }
@@ -233,4 +234,40 @@ async fn constrained_output_is_valid_json_of_the_schema() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("not valid GBNF"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_memory_budget_is_kept() {
+    let s = store().1.clone();
+    let src = s.get("smollm2").unwrap().file;
+    s.add(std::path::Path::new(&src), Some("twin"), &mut |_, _| {})
+        .unwrap();
+    let size = s.get("smollm2").unwrap().size;
+    let one = engine::memory_needed(size, 2048);
+    let opts = |budget| EngineOptions {
+        context: 2048,
+        threads: 2,
+        max_loaded: 8,
+        memory_budget: budget,
+        ..Default::default()
+    };
+    // Too small for even one: refused before anything is loaded.
+    let e = Engine::new(s.clone(), opts(one / 2));
+    let err = e.load("smollm2", false).await.unwrap_err().to_string();
+    assert!(
+        err.contains("NOA-E0812") && err.contains("infer.memory_budget"),
+        "{err}"
+    );
+    assert!(e.loaded().is_empty());
+    // Room for one: the second evicts the first; with the first pinned, the second is refused.
+    let e = Engine::new(s.clone(), opts(one + one / 2));
+    e.load("smollm2", false).await.unwrap();
+    e.load("twin", false).await.unwrap();
+    assert_eq!(
+        e.loaded().into_iter().map(|l| l.name).collect::<Vec<_>>(),
+        ["twin"]
+    );
+    e.load("twin", true).await.unwrap();
+    let err = e.load("smollm2", false).await.unwrap_err().to_string();
+    assert!(err.contains("NOA-E0812") && err.contains("pinned"), "{err}");
 }

@@ -108,6 +108,12 @@ pub const SETTINGS: &[Setting] = &[
         doc: "Most models in memory at once; the least recently used unpinned one makes room.",
     },
     Setting {
+        key: "infer.memory_budget",
+        kind: Kind::Bytes,
+        default: "0",
+        doc: "Most memory the loaded models may take together (0: none; a model is loaded only if available memory can hold it).",
+    },
+    Setting {
         key: "infer.keep_alive",
         kind: Kind::Duration,
         default: "5m",

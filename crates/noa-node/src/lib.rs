@@ -269,6 +269,7 @@ impl Node {
                 threads: config.count("infer.threads") as u32,
                 keep_alive: config.duration("infer.keep_alive"),
                 max_loaded: config.count("infer.max_loaded") as usize,
+                memory_budget: config.bytes("infer.memory_budget"),
             },
         );
         ai::serve(kernel.bus().clone(), engine.clone()).map_err(|e| Error::DataDir {
