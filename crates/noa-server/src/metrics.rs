@@ -12,12 +12,26 @@ pub struct HttpMetrics {
     by_class: [AtomicU64; 6],
     /// Tokens used per principal: (prompt, completion).
     tokens: std::sync::Mutex<std::collections::BTreeMap<String, (u64, u64)>>,
+    /// Completed inference requests, the sum of their times to first token (µs), and the last generation speed
+    /// (tokens/s × 1000).
+    infer_requests: AtomicU64,
+    infer_ttft_us: AtomicU64,
+    infer_last_tps_milli: AtomicU64,
 }
 
 impl HttpMetrics {
     pub fn record(&self, status: StatusCode) {
         let class = (status.as_u16() / 100).min(5) as usize;
         self.by_class[class].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records the timing of one completed inference request.
+    pub fn record_inference(&self, ttft_ms: f64, tokens_per_second: f64) {
+        self.infer_requests.fetch_add(1, Ordering::Relaxed);
+        self.infer_ttft_us
+            .fetch_add((ttft_ms * 1000.0) as u64, Ordering::Relaxed);
+        self.infer_last_tps_milli
+            .store((tokens_per_second * 1000.0) as u64, Ordering::Relaxed);
     }
 
     /// Counts the tokens of one completed inference request for `principal`.
@@ -191,6 +205,7 @@ pub async fn render(State(state): State<AppState>) -> impl IntoResponse {
         "Tokens processed by the inference engine, by principal and kind.",
         &tokens,
     );
+    let mut extra = String::new();
     if let Some(engine) = &state.engine {
         let loaded = engine.loaded();
         let busy: u64 = loaded.iter().map(|l| l.busy as u64).sum();
@@ -200,6 +215,17 @@ pub async fn render(State(state): State<AppState>) -> impl IntoResponse {
             "Models in memory.",
             &[("", loaded.len() as u64)],
         );
+        let _ = writeln!(
+            extra,
+            "# HELP noa_infer_time_to_first_token_seconds Time from request to the first generated text.\n# TYPE noa_infer_time_to_first_token_seconds summary\nnoa_infer_time_to_first_token_seconds_sum {:.6}\nnoa_infer_time_to_first_token_seconds_count {}",
+            state.http.infer_ttft_us.load(Ordering::Relaxed) as f64 / 1e6,
+            state.http.infer_requests.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            extra,
+            "# HELP noa_infer_tokens_per_second Generation speed of the last completed request.\n# TYPE noa_infer_tokens_per_second gauge\nnoa_infer_tokens_per_second {:.3}",
+            state.http.infer_last_tps_milli.load(Ordering::Relaxed) as f64 / 1000.0
+        );
         metric(
             "noa_infer_requests_in_flight",
             "gauge",
@@ -207,5 +233,6 @@ pub async fn render(State(state): State<AppState>) -> impl IntoResponse {
             &[("", busy)],
         );
     }
+    out.push_str(&extra);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }

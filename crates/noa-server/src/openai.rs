@@ -414,6 +414,7 @@ pub async fn chat_completions(
         }
         Event::Done(u) => {
             http.record_tokens(&who, u.prompt_tokens, u.completion_tokens);
+            http.record_inference(u.ttft_ms, u.tokens_per_second);
             let mut last = chunk(json!({}), Some(&u.finish_reason));
             if include_usage {
                 last["usage"] = json!({ "prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
@@ -513,6 +514,7 @@ pub async fn completions(
         Event::Text(t) => vec![chunk(&t, None).to_string()],
         Event::Done(u) => {
             http.record_tokens(&who, u.prompt_tokens, u.completion_tokens);
+            http.record_inference(u.ttft_ms, u.tokens_per_second);
             let mut last = chunk("", Some(&u.finish_reason));
             if include_usage {
                 last["usage"] = json!({ "prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,

@@ -225,6 +225,24 @@ fn ask_streams_and_the_openai_api_answers() {
         String::from_utf8_lossy(&o.stderr)
     );
     assert!(all.contains("NOA-E0800"), "{all}");
+    // Metrics: tokens per principal, time to first token, speed.
+    let agent: ureq::Agent = ureq::Agent::config_builder().build().into();
+    let metrics = agent
+        .get(format!("http://{}/metrics", d.addr()))
+        .header("Authorization", format!("Bearer {}", d.token()))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    for want in [
+        "noa_infer_tokens_total{principal=\"user:admin\",kind=\"completion\"}",
+        "noa_infer_time_to_first_token_seconds_count",
+        "noa_infer_tokens_per_second",
+        "noa_infer_models_loaded 1",
+    ] {
+        assert!(metrics.contains(want), "{want}: {metrics}");
+    }
     // The model is loaded now; ps shows it; unload frees it.
     assert!(d.ok(&["model", "ps"]).contains("smollm2"));
     assert!(d.ok(&["model", "unload", "smollm2"]).contains("unloaded"));
