@@ -148,29 +148,24 @@ async fn read_inner(
     Ok(res)
 }
 
-/// Streams a request body into a staged blob (stored paths) on a blocking thread. A body larger than `room`
-/// (what the quota leaves), or one that breaks off, is abandoned: nothing is stored.
-async fn stage_body(
-    store: &Store,
+/// Feeds a request body, chunk by chunk, to `consume` on a blocking thread. A body larger than `room` (what
+/// the quota leaves), or one that breaks off, is an error, and `consume` is told (its flag is set) so that it
+/// abandons what it wrote instead of keeping it.
+async fn pump_body<T: Send + 'static>(
+    body: Body,
     path: &VPath,
     room: Option<u64>,
-    body: Body,
-) -> ApiResult<noa_store::StagedBlob> {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(8);
+    consume: impl FnOnce(
+        tokio::sync::mpsc::Receiver<Bytes>,
+        &std::sync::atomic::AtomicBool,
+    ) -> Result<T, noa_store::Error>
+    + Send
+    + 'static,
+) -> ApiResult<T> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(8);
     let abandoned = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let store = store.clone();
-    let gave_up = abandoned.clone();
-    let writer = tokio::task::spawn_blocking(move || {
-        let mut w = store.blob_writer()?;
-        while let Some(chunk) = rx.blocking_recv() {
-            w.write(&chunk)?;
-        }
-        if gave_up.load(std::sync::atomic::Ordering::SeqCst) {
-            // Dropped unfinished: the staged file is removed.
-            return Ok(None);
-        }
-        w.finish().map(Some)
-    });
+    let flag = abandoned.clone();
+    let worker = tokio::task::spawn_blocking(move || consume(rx, &flag));
     let mut stream = body.into_data_stream();
     let mut received = 0u64;
     let mut failure = None;
@@ -204,51 +199,61 @@ async fn stage_body(
         abandoned.store(true, std::sync::atomic::Ordering::SeqCst);
     }
     drop(tx);
-    let staged = writer
+    let result = worker
         .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
-    match (failure, staged) {
-        (Some(f), _) => Err(f),
-        (None, Some(blob)) => Ok(blob),
-        (None, None) => Err(ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "the upload was abandoned",
-        )),
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    match failure {
+        Some(f) => Err(f),
+        None => Ok(result?),
     }
 }
 
-/// Streams a request body into a host file: a temporary file beside it, put in place when complete.
+/// Streams a request body into a staged blob (stored paths); an abandoned one is dropped unfinished, which
+/// removes its staging file.
+async fn stage_body(
+    store: &Store,
+    path: &VPath,
+    room: Option<u64>,
+    body: Body,
+) -> ApiResult<noa_store::StagedBlob> {
+    let store = store.clone();
+    let staged = pump_body(body, path, room, move |mut rx, abandoned| {
+        let mut w = store.blob_writer()?;
+        while let Some(chunk) = rx.blocking_recv() {
+            w.write(&chunk)?;
+        }
+        if abandoned.load(std::sync::atomic::Ordering::SeqCst) {
+            return Ok(None);
+        }
+        w.finish().map(Some)
+    })
+    .await?;
+    staged.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the upload was abandoned",
+        )
+    })
+}
+
+/// Streams a request body into a host file: a temporary file beside it, put in place when complete (an
+/// abandoned one is dropped, which removes it).
 async fn write_host(store: &Store, p: &Principal, path: &VPath, body: Body) -> ApiResult<u64> {
     let mut w = store.host_create(path)?;
     let shown = path.to_string();
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(8);
-    let writer =
-        tokio::task::spawn_blocking(move || -> Result<noa_store::HostWrite, noa_store::Error> {
-            use std::io::Write;
-            while let Some(chunk) = rx.blocking_recv() {
-                w.file()
-                    .write_all(&chunk)
-                    .map_err(|e| noa_store::Error::Host {
-                        path: shown.clone(),
-                        message: e.to_string(),
-                    })?;
-            }
-            Ok(w)
-        });
-    let mut stream = body.into_data_stream();
-    while let Some(chunk) = stream.next().await {
-        // A body that breaks off leaves nothing behind: the temporary file is removed when dropped.
-        let chunk = chunk.map_err(|e| {
-            ApiError::bad_request(format!("NOA-E0603 the request body broke off: {e}"))
-        })?;
-        if tx.send(chunk).await.is_err() {
-            break;
+    let w = pump_body(body, path, None, move |mut rx, _| {
+        use std::io::Write;
+        while let Some(chunk) = rx.blocking_recv() {
+            w.file()
+                .write_all(&chunk)
+                .map_err(|e| noa_store::Error::Host {
+                    path: shown.clone(),
+                    message: e.to_string(),
+                })?;
         }
-    }
-    drop(tx);
-    let w = writer
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+        Ok(w)
+    })
+    .await?;
     Ok(store.host_commit(&p.id(), w).await?)
 }
 

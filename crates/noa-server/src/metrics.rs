@@ -25,21 +25,19 @@ impl HttpMetrics {
         self.by_class[class].fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Records the timing of one completed inference request.
-    pub fn record_inference(&self, ttft_ms: f64, tokens_per_second: f64) {
+    /// Records one completed inference request of `principal`: its tokens and its timing.
+    pub fn record_usage(&self, principal: &str, u: &noa_infer::Usage) {
+        {
+            let mut t = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
+            let e = t.entry(principal.to_owned()).or_default();
+            e.0 += u.prompt_tokens as u64;
+            e.1 += u.completion_tokens as u64;
+        }
         self.infer_requests.fetch_add(1, Ordering::Relaxed);
         self.infer_ttft_us
-            .fetch_add((ttft_ms * 1000.0) as u64, Ordering::Relaxed);
+            .fetch_add((u.ttft_ms * 1000.0) as u64, Ordering::Relaxed);
         self.infer_last_tps_milli
-            .store((tokens_per_second * 1000.0) as u64, Ordering::Relaxed);
-    }
-
-    /// Counts the tokens of one completed inference request for `principal`.
-    pub fn record_tokens(&self, principal: &str, prompt: u32, completion: u32) {
-        let mut t = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
-        let e = t.entry(principal.to_owned()).or_default();
-        e.0 += prompt as u64;
-        e.1 += completion as u64;
+            .store((u.tokens_per_second * 1000.0) as u64, Ordering::Relaxed);
     }
 
     pub fn total(&self) -> u64 {

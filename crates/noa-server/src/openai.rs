@@ -344,48 +344,76 @@ fn messages(r: &ChatRequest) -> Result<Vec<ChatMessage>, OpenAiError> {
         .collect()
 }
 
-fn completion_id() -> String {
-    let mut b = [0u8; 12];
-    let _ = getrandom::fill(&mut b);
-    format!(
-        "chatcmpl-{}",
-        b.iter().map(|x| format!("{x:02x}")).collect::<String>()
-    )
+/// Which OpenAI object an answer is.
+#[derive(Clone, Copy)]
+enum Kind {
+    Chat,
+    Text,
 }
 
-pub async fn chat_completions(
-    State(state): State<AppState>,
-    Extension(p): Extension<Principal>,
-    body: Result<Json<ChatRequest>, axum::extract::rejection::JsonRejection>,
+impl Kind {
+    fn id(self) -> String {
+        let mut b = [0u8; 12];
+        let _ = getrandom::fill(&mut b);
+        let prefix = match self {
+            Kind::Chat => "chatcmpl",
+            Kind::Text => "cmpl",
+        };
+        format!(
+            "{prefix}-{}",
+            b.iter().map(|x| format!("{x:02x}")).collect::<String>()
+        )
+    }
+
+    fn object(self, streaming: bool) -> &'static str {
+        match (self, streaming) {
+            (Kind::Chat, false) => "chat.completion",
+            (Kind::Chat, true) => "chat.completion.chunk",
+            (Kind::Text, _) => "text_completion",
+        }
+    }
+
+    /// The one choice of an answer or chunk; `text` is `None` in the final chunk of a stream.
+    fn choice(self, text: Option<&str>, finish: Option<&str>, streaming: bool) -> Value {
+        match (self, streaming) {
+            (Kind::Chat, false) => json!({ "index": 0, "finish_reason": finish,
+                "message": { "role": "assistant", "content": text.unwrap_or_default() } }),
+            (Kind::Chat, true) => json!({ "index": 0, "finish_reason": finish,
+                "delta": text.map(|t| json!({ "role": "assistant", "content": t })).unwrap_or(json!({})) }),
+            (Kind::Text, _) => json!({ "index": 0, "finish_reason": finish, "logprobs": null,
+                "text": text.unwrap_or_default() }),
+        }
+    }
+}
+
+fn usage_json(u: &noa_infer::Usage) -> Value {
+    json!({ "prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+            "total_tokens": u.prompt_tokens + u.completion_tokens })
+}
+
+/// Answers from the engine's events: one JSON object, or Server-Sent Events chunks ending in `[DONE]`.
+async fn respond(
+    state: &AppState,
+    who: String,
+    model: String,
+    mut rx: tokio::sync::mpsc::Receiver<Event>,
+    kind: Kind,
+    stream: bool,
+    include_usage: bool,
 ) -> Result<Response, OpenAiError> {
-    let Json(req) = body.map_err(|e| OpenAiError::bad(None, e.body_text()))?;
-    state.kernel.authorize(
-        &p,
-        Action::Request,
-        &Resource::Subject("ai.infer".into()),
-        false,
-    )?;
-    let engine = engine(&state)?.clone();
-    let params = params(&req.sampling)?;
-    let msgs = messages(&req)?;
-    let mut rx = engine.chat(&req.model, msgs, params)?;
-    let id = completion_id();
+    let id = kind.id();
     let created = noa_types::now_ms() / 1000;
-    let model = req.model.clone();
-    if !req.stream {
+    if !stream {
         let mut text = String::new();
         while let Some(ev) = rx.recv().await {
             match ev {
                 Event::Text(t) => text.push_str(&t),
                 Event::Done(u) => {
-                    state
-                        .http
-                        .record_tokens(&p.id(), u.prompt_tokens, u.completion_tokens);
+                    state.http.record_usage(&who, &u);
                     return Ok(Json(json!({
-                        "id": id, "object": "chat.completion", "created": created, "model": model,
-                        "choices": [{ "index": 0, "message": { "role": "assistant", "content": text }, "finish_reason": u.finish_reason }],
-                        "usage": { "prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-                                   "total_tokens": u.prompt_tokens + u.completion_tokens },
+                        "id": id, "object": kind.object(false), "created": created, "model": model,
+                        "choices": [kind.choice(Some(&text), Some(&u.finish_reason), false)],
+                        "usage": usage_json(&u),
                     }))
                     .into_response());
                 }
@@ -401,24 +429,18 @@ pub async fn chat_completions(
     if let Some(Event::Error(e)) = first {
         return Err(generation_error(e));
     }
-    let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
     let http = state.http.clone();
-    let who = p.id();
-    let chunk = move |delta: Value, finish: Option<&str>| {
-        json!({ "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [{ "index": 0, "delta": delta, "finish_reason": finish }] })
+    let chunk = move |text: Option<&str>, finish: Option<&str>| {
+        json!({ "id": id, "object": kind.object(true), "created": created, "model": model,
+                "choices": [kind.choice(text, finish, true)] })
     };
-    let stream = async_stream(first, rx, move |ev| match ev {
-        Event::Text(t) => {
-            vec![chunk(json!({ "role": "assistant", "content": t }), None).to_string()]
-        }
+    let events = async_stream(first, rx, move |ev| match ev {
+        Event::Text(t) => vec![chunk(Some(&t), None).to_string()],
         Event::Done(u) => {
-            http.record_tokens(&who, u.prompt_tokens, u.completion_tokens);
-            http.record_inference(u.ttft_ms, u.tokens_per_second);
-            let mut last = chunk(json!({}), Some(&u.finish_reason));
+            http.record_usage(&who, &u);
+            let mut last = chunk(None, Some(&u.finish_reason));
             if include_usage {
-                last["usage"] = json!({ "prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-                                        "total_tokens": u.prompt_tokens + u.completion_tokens });
+                last["usage"] = usage_json(&u);
             }
             vec![last.to_string(), "[DONE]".to_owned()]
         }
@@ -426,9 +448,37 @@ pub async fn chat_completions(
             vec![json!({ "error": { "message": e, "type": "server_error" } }).to_string()]
         }
     });
-    Ok(Sse::new(stream)
+    Ok(Sse::new(events)
         .keep_alive(KeepAlive::default())
         .into_response())
+}
+
+pub async fn chat_completions(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    body: Result<Json<ChatRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, OpenAiError> {
+    let Json(req) = body.map_err(|e| OpenAiError::bad(None, e.body_text()))?;
+    state.kernel.authorize(
+        &p,
+        Action::Request,
+        &Resource::Subject("ai.infer".into()),
+        false,
+    )?;
+    let params = params(&req.sampling)?;
+    let msgs = messages(&req)?;
+    let rx = engine(&state)?.chat(&req.model, msgs, params)?;
+    let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
+    respond(
+        &state,
+        p.id(),
+        req.model,
+        rx,
+        Kind::Chat,
+        req.stream,
+        include_usage,
+    )
+    .await
 }
 
 /// Turns engine events into SSE events; when the client goes away the stream, and with it the receiver,
@@ -462,7 +512,6 @@ pub async fn completions(
         &Resource::Subject("ai.infer".into()),
         false,
     )?;
-    let engine = engine(&state)?.clone();
     let mut params = params(&req.sampling)?;
     // OpenAI's default for plain completions.
     if req.sampling.max_tokens.is_none() {
@@ -471,64 +520,18 @@ pub async fn completions(
     if req.prompt.is_empty() {
         return Err(OpenAiError::bad(Some("prompt"), "prompt must not be empty"));
     }
-    let mut rx = engine.complete(&req.model, req.prompt.clone(), params)?;
-    let id = completion_id().replace("chatcmpl-", "cmpl-");
-    let created = noa_types::now_ms() / 1000;
-    let model = req.model.clone();
-    if !req.stream {
-        let mut text = String::new();
-        while let Some(ev) = rx.recv().await {
-            match ev {
-                Event::Text(t) => text.push_str(&t),
-                Event::Done(u) => {
-                    state
-                        .http
-                        .record_tokens(&p.id(), u.prompt_tokens, u.completion_tokens);
-                    return Ok(Json(json!({
-                        "id": id, "object": "text_completion", "created": created, "model": model,
-                        "choices": [{ "index": 0, "text": text, "logprobs": null, "finish_reason": u.finish_reason }],
-                        "usage": { "prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-                                   "total_tokens": u.prompt_tokens + u.completion_tokens },
-                    }))
-                    .into_response());
-                }
-                Event::Error(e) => return Err(generation_error(e)),
-            }
-        }
-        return Err(generation_error(
-            "the model stopped without finishing".into(),
-        ));
-    }
-    let first = rx.recv().await;
-    if let Some(Event::Error(e)) = first {
-        return Err(generation_error(e));
-    }
+    let rx = engine(&state)?.complete(&req.model, req.prompt, params)?;
     let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
-    let http = state.http.clone();
-    let who = p.id();
-    let chunk = move |text: &str, finish: Option<&str>| {
-        json!({ "id": id, "object": "text_completion", "created": created, "model": model,
-                "choices": [{ "index": 0, "text": text, "logprobs": null, "finish_reason": finish }] })
-    };
-    let stream = async_stream(first, rx, move |ev| match ev {
-        Event::Text(t) => vec![chunk(&t, None).to_string()],
-        Event::Done(u) => {
-            http.record_tokens(&who, u.prompt_tokens, u.completion_tokens);
-            http.record_inference(u.ttft_ms, u.tokens_per_second);
-            let mut last = chunk("", Some(&u.finish_reason));
-            if include_usage {
-                last["usage"] = json!({ "prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-                                        "total_tokens": u.prompt_tokens + u.completion_tokens });
-            }
-            vec![last.to_string(), "[DONE]".to_owned()]
-        }
-        Event::Error(e) => {
-            vec![json!({ "error": { "message": e, "type": "server_error" } }).to_string()]
-        }
-    });
-    Ok(Sse::new(stream)
-        .keep_alive(KeepAlive::default())
-        .into_response())
+    respond(
+        &state,
+        p.id(),
+        req.model,
+        rx,
+        Kind::Text,
+        req.stream,
+        include_usage,
+    )
+    .await
 }
 
 fn generation_error(e: String) -> OpenAiError {

@@ -412,13 +412,7 @@ impl Store {
         let Namespace::Stored(ns) = path.namespace() else {
             return Ok(None);
         };
-        let limit = if ns == "/shared" {
-            self.inner.quotas.shared
-        } else if ns.starts_with("/agents/") {
-            self.inner.quotas.agent
-        } else {
-            self.inner.quotas.run
-        };
+        let limit = self.inner.quotas.limit(ns);
         if limit == 0 {
             return Ok(None);
         }
@@ -444,13 +438,7 @@ impl Store {
         let mut out = Vec::new();
         for row in rows {
             let (ns, bytes) = row?;
-            let limit = if ns == "/shared" {
-                self.inner.quotas.shared
-            } else if ns.starts_with("/agents/") {
-                self.inner.quotas.agent
-            } else {
-                self.inner.quotas.run
-            };
+            let limit = self.inner.quotas.limit(&ns);
             out.push((ns, bytes as u64, limit));
         }
         Ok(out)

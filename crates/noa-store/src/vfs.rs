@@ -146,7 +146,8 @@ impl Default for Quotas {
 }
 
 impl Quotas {
-    fn limit(&self, ns: &str) -> u64 {
+    /// The quota of the namespace `ns` (`/shared`, `/agents/<name>`, `/runs/<id>`).
+    pub fn limit(&self, ns: &str) -> u64 {
         if ns == "/shared" {
             self.shared
         } else if ns.starts_with("/agents/") {

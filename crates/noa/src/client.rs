@@ -62,6 +62,11 @@ impl CliError {
 
 pub type CliResult<T> = Result<T, CliError>;
 
+/// A failed command, from any error's message.
+pub fn fail(e: impl std::fmt::Display) -> CliError {
+    CliError::failed(e.to_string())
+}
+
 /// Talks to one daemon.
 pub struct Client {
     base: String,

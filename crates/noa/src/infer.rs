@@ -1,33 +1,12 @@
 //! Commands for models (`noa model …`) and `noa ask`.
 
 use crate::cli::{AskArgs, ModelCommand};
-use crate::client::{CliError, CliResult, Client, encode};
-use crate::output::{bytes, duration_ms, table, timestamp};
+use crate::client::{CliResult, Client, encode, fail};
+use crate::output::{bytes, duration_ms, progress, table, timestamp};
 use noa_node::infer::{CATALOG, ModelInfo, ModelStore};
 use serde_json::{Value, json};
 use std::io::{Read, Write};
 use std::path::Path;
-
-fn fail(e: impl std::fmt::Display) -> CliError {
-    CliError::failed(e.to_string())
-}
-
-fn bar(json_out: bool, what: &str) -> indicatif::ProgressBar {
-    let bar = if json_out || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-        indicatif::ProgressBar::hidden()
-    } else {
-        indicatif::ProgressBar::new(0)
-    };
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-        .progress_chars("=> "),
-    );
-    bar.set_message(what.to_owned());
-    bar
-}
 
 fn describe(m: &ModelInfo) -> Vec<(&'static str, String)> {
     let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
@@ -106,7 +85,7 @@ pub fn model_offline(data_dir: &Path, c: &ModelCommand, json_out: bool) -> CliRe
             Ok(())
         }
         ModelCommand::Pull { name } => {
-            let bar = bar(json_out, &format!("pulling {name}"));
+            let bar = progress(0, &format!("pulling {name}"), json_out);
             let result = store.pull(name, &mut |done, total| {
                 bar.set_length(total);
                 bar.set_position(done);
@@ -128,7 +107,7 @@ pub fn model_offline(data_dir: &Path, c: &ModelCommand, json_out: bool) -> CliRe
             Ok(())
         }
         ModelCommand::Add { file, name } => {
-            let bar = bar(json_out, "importing");
+            let bar = progress(0, "importing", json_out);
             let result = store.add(file, name.as_deref(), &mut |done, total| {
                 bar.set_length(total);
                 bar.set_position(done);

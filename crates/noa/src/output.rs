@@ -27,6 +27,24 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) {
     }
 }
 
+/// A progress bar on stderr for long work; hidden when stderr is not a terminal or output is JSON.
+pub fn progress(total: u64, what: &str, json_out: bool) -> indicatif::ProgressBar {
+    let bar = if json_out || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(total)
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    bar.set_message(what.to_owned());
+    bar
+}
+
 /// `1h02m`, `3m05s`, `12s`, `340ms`.
 pub fn duration_ms(ms: u64) -> String {
     let s = ms / 1000;

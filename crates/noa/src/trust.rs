@@ -3,33 +3,11 @@
 use crate::cli::{
     AuditCommand, AuditFilter, BackupCommand, ConfigCommand, FsCommand, SecretCommand, StoreCommand,
 };
-use crate::client::{CliError, CliResult, Client, encode};
-use crate::output::{bytes, table, timestamp};
+use crate::client::{CliError, CliResult, Client, encode, fail};
+use crate::output::{bytes, progress, table, timestamp};
 use serde_json::{Value, json};
 use std::io::{Read, Write};
 use std::path::Path;
-
-fn fail(e: impl std::fmt::Display) -> CliError {
-    CliError::failed(e.to_string())
-}
-
-/// A progress bar on stderr for long work; hidden when stderr is not a terminal or output is JSON.
-fn progress(total: u64, what: &str, json_out: bool) -> indicatif::ProgressBar {
-    let bar = if json_out || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-        indicatif::ProgressBar::hidden()
-    } else {
-        indicatif::ProgressBar::new(total)
-    };
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-        .progress_chars("=> "),
-    );
-    bar.set_message(what.to_owned());
-    bar
-}
 
 /// The API path of a VFS path: `/shared/x` → `/api/v1/fs/shared/x` (each component percent-encoded).
 fn fs_url(path: &str) -> CliResult<String> {
