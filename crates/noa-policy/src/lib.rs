@@ -79,10 +79,14 @@ pub enum Action {
     Backup,
     /// Reading or verifying the audit log.
     ReadAudit,
+    /// Starting, cancelling, pausing, resuming or retrying a run of a workflow, or registering it for its triggers.
+    RunWorkflow,
+    /// Approving a workflow's approval step.
+    Approve,
 }
 
 /// Every action, in a fixed order.
-pub const ACTIONS: [Action; 16] = [
+pub const ACTIONS: [Action; 18] = [
     Action::Spawn,
     Action::Stop,
     Action::Kill,
@@ -99,6 +103,8 @@ pub const ACTIONS: [Action; 16] = [
     Action::WriteSecret,
     Action::Backup,
     Action::ReadAudit,
+    Action::RunWorkflow,
+    Action::Approve,
 ];
 
 impl Action {
@@ -120,6 +126,8 @@ impl Action {
             Action::WriteSecret => "write_secret",
             Action::Backup => "backup",
             Action::ReadAudit => "read_audit",
+            Action::RunWorkflow => "run_workflow",
+            Action::Approve => "approve",
         }
     }
 }
@@ -136,6 +144,8 @@ pub enum Resource {
     File(String),
     /// A secret, by name.
     Secret(String),
+    /// A workflow, by name.
+    Workflow(String),
 }
 
 impl Resource {
@@ -145,7 +155,8 @@ impl Resource {
             Resource::Process(n)
             | Resource::Subject(n)
             | Resource::File(n)
-            | Resource::Secret(n) => n,
+            | Resource::Secret(n)
+            | Resource::Workflow(n) => n,
             Resource::System => "system",
         }
     }
@@ -159,6 +170,7 @@ impl fmt::Display for Resource {
             Resource::System => f.write_str("the system"),
             Resource::File(p) => write!(f, "file {p:?}"),
             Resource::Secret(n) => write!(f, "secret {n:?}"),
+            Resource::Workflow(n) => write!(f, "workflow {n:?}"),
         }
     }
 }
@@ -190,6 +202,7 @@ struct Types {
     subject: EntityTypeName,
     file: EntityTypeName,
     secret: EntityTypeName,
+    workflow: EntityTypeName,
     system: EntityUid,
     actions: Vec<(Action, EntityUid)>,
     /// Every combination of the context facts, built once (bit i of the index is fact i of `FACTS`).
@@ -227,6 +240,7 @@ impl Types {
             subject: ty("Noa::Subject"),
             file: ty("Noa::File"),
             secret: ty("Noa::Secret"),
+            workflow: ty("Noa::Workflow"),
             system: uid("Noa::System", "noa"),
             actions: all
                 .iter()
@@ -379,6 +393,10 @@ impl Policy {
             ),
             Resource::Secret(n) => (
                 EntityUid::from_type_name_and_id(self.types.secret.clone(), EntityId::new(n)),
+                None,
+            ),
+            Resource::Workflow(n) => (
+                EntityUid::from_type_name_and_id(self.types.workflow.clone(), EntityId::new(n)),
                 None,
             ),
         };

@@ -6,6 +6,7 @@
 //!
 //! **Invariant:** the only `unsafe` code of the crate is in `os.rs`, each block with a `// SAFETY:` comment.
 
+pub mod command;
 mod error;
 pub mod lines;
 mod native;
@@ -14,3 +15,4 @@ pub mod protocol;
 
 pub use error::{Error, Result};
 pub use native::{NativeOptions, NativeRuntime, resolve};
+pub use os::ChildLimits;

@@ -16,12 +16,14 @@ mod error;
 mod keyring;
 mod migrations;
 pub mod vfs;
+pub mod workflows;
 mod writer;
 
 pub use audit::{AuditEntry, AuditQuery, AuditRecord, AuditReport};
 pub use crypto::KeySource;
 pub use error::{Error, Result};
 pub use vfs::{DirEntry, FileInfo, FileReader, FsOp, Mount, Namespace, Quotas, StagedBlob, VPath};
+pub use workflows::{RegisteredWorkflow, RunEvent, RunQuery, RunRecord};
 
 use crypto::DataKey;
 use noa_types::{Event, Pid, ProcessSpec};

@@ -95,6 +95,36 @@ pub(crate) const MIGRATIONS: &[(u32, &str)] = &[
     );
     CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
     ),
+    (
+        3,
+        "CREATE TABLE wf_runs (
+        id TEXT PRIMARY KEY,
+        workflow TEXT NOT NULL,
+        status TEXT NOT NULL,
+        parent TEXT,
+        created_ms INTEGER NOT NULL,
+        updated_ms INTEGER NOT NULL,
+        spec TEXT NOT NULL,
+        summary TEXT NOT NULL DEFAULT '{}'
+    );
+    CREATE INDEX wf_runs_status ON wf_runs(status, created_ms);
+    CREATE INDEX wf_runs_created ON wf_runs(created_ms);
+    CREATE TABLE wf_events (
+        run TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        ts_ms INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        step TEXT,
+        data TEXT NOT NULL,
+        PRIMARY KEY (run, seq)
+    ) WITHOUT ROWID;
+    CREATE TABLE wf_registered (
+        name TEXT PRIMARY KEY,
+        spec TEXT NOT NULL,
+        registered_ms INTEGER NOT NULL,
+        state TEXT NOT NULL DEFAULT '{}'
+    );",
+    ),
 ];
 
 pub(crate) fn migrate(conn: &mut Connection, path: &Path) -> Result<()> {

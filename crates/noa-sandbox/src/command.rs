@@ -1,0 +1,210 @@
+//! One-shot commands: a shell command run to completion as a sandboxed child process (workflow `run` steps).
+//!
+//! The child gets a cleared environment plus what the caller grants, its own process group (killed as a whole
+//! when the command ends, times out or is cancelled), rlimits, and death with the daemon. Its stdout is collected
+//! up to a limit (a command that prints more fails rather than filling memory); its stderr is kept as a log,
+//! the last `log_limit` bytes of it.
+
+use crate::os::{self, ChildLimits};
+use std::path::PathBuf;
+use std::process::Stdio;
+use tokio::io::AsyncReadExt;
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct CommandSpec {
+    /// Given to `sh -c`.
+    pub script: String,
+    /// The whole environment of the child (it inherits nothing).
+    pub env: Vec<(String, String)>,
+    pub cwd: PathBuf,
+    pub limits: ChildLimits,
+    /// Most bytes of stdout kept; more fails the command.
+    pub output_limit: usize,
+    /// Most bytes of stderr kept (the last ones).
+    pub log_limit: usize,
+}
+
+/// How a command ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Exit {
+    Code(i32),
+    Signal(i32, &'static str),
+}
+
+#[derive(Debug)]
+pub struct CommandOutput {
+    pub exit: Exit,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    /// The stderr kept is the tail of a longer log.
+    pub stderr_truncated: bool,
+}
+
+/// Why a command could not finish.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error("cannot start `sh`: {0}")]
+    Start(std::io::Error),
+    #[error("the command printed more than {limit} bytes to stdout; it was stopped")]
+    OutputTooLarge { limit: usize, stderr: Vec<u8> },
+    #[error("reading the command's output failed: {0}")]
+    Io(std::io::Error),
+}
+
+/// Kills the whole process group when dropped: on timeout or cancellation the caller drops the future.
+struct GroupGuard(u32);
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        os::kill_group(self.0, libc::SIGKILL);
+    }
+}
+
+/// Runs `spec` to completion.
+pub async fn run(spec: CommandSpec) -> Result<CommandOutput, CommandError> {
+    let mut cmd = tokio::process::Command::new("/bin/sh");
+    cmd.arg("-c")
+        .arg(&spec.script)
+        .env_clear()
+        .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .current_dir(&spec.cwd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .process_group(0);
+    os::apply_in_child(&mut cmd, spec.limits);
+    let mut child = cmd.spawn().map_err(CommandError::Start)?;
+    let _guard = GroupGuard(child.id().unwrap_or(0));
+    let mut stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| CommandError::Io(std::io::Error::other("the child has no stdout")))?;
+    let mut stderr = child
+        .stderr
+        .take()
+        .ok_or_else(|| CommandError::Io(std::io::Error::other("the child has no stderr")))?;
+    let log_limit = spec.log_limit;
+    let log = tokio::spawn(async move {
+        let mut kept: Vec<u8> = Vec::new();
+        let mut truncated = false;
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            match stderr.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    kept.extend_from_slice(&buf[..n]);
+                    if kept.len() > log_limit * 2 {
+                        let cut = kept.len() - log_limit;
+                        kept.drain(..cut);
+                        truncated = true;
+                    }
+                }
+            }
+        }
+        if kept.len() > log_limit {
+            let cut = kept.len() - log_limit;
+            kept.drain(..cut);
+            truncated = true;
+        }
+        (kept, truncated)
+    });
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = stdout.read(&mut buf).await.map_err(CommandError::Io)?;
+        if n == 0 {
+            break;
+        }
+        if out.len() + n > spec.output_limit {
+            drop(_guard);
+            let _ = child.wait().await;
+            let (stderr, _) = log.await.unwrap_or_default();
+            return Err(CommandError::OutputTooLarge {
+                limit: spec.output_limit,
+                stderr,
+            });
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+    let status = child.wait().await.map_err(CommandError::Io)?;
+    let (stderr, stderr_truncated) = log.await.unwrap_or_default();
+    use std::os::unix::process::ExitStatusExt;
+    let exit = match (status.code(), status.signal()) {
+        (Some(c), _) => Exit::Code(c),
+        (None, Some(s)) => Exit::Signal(s, os::signal_name(s)),
+        (None, None) => Exit::Code(-1),
+    };
+    Ok(CommandOutput {
+        exit,
+        stdout: out,
+        stderr,
+        stderr_truncated,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(script: &str) -> CommandSpec {
+        CommandSpec {
+            script: script.into(),
+            env: vec![
+                ("PATH".into(), "/usr/bin:/bin".into()),
+                ("X".into(), "1".into()),
+            ],
+            cwd: std::env::temp_dir(),
+            limits: ChildLimits::default(),
+            output_limit: 1024,
+            log_limit: 64,
+        }
+    }
+
+    #[tokio::test]
+    async fn output_exit_and_environment() {
+        let o = run(spec("echo out; echo err >&2; echo $X $HOME; exit 3"))
+            .await
+            .unwrap();
+        assert_eq!(o.exit, Exit::Code(3));
+        assert_eq!(o.stdout, b"out\n1\n");
+        assert_eq!(o.stderr, b"err\n");
+    }
+
+    #[tokio::test]
+    async fn too_much_output_fails_and_the_log_keeps_its_tail() {
+        let e = run(spec("yes | head -c 100000")).await.unwrap_err();
+        assert!(
+            matches!(e, CommandError::OutputTooLarge { limit: 1024, .. }),
+            "{e}"
+        );
+        let o = run(spec("for i in $(seq 1 100); do echo line$i >&2; done"))
+            .await
+            .unwrap();
+        assert!(o.stderr_truncated);
+        assert!(o.stderr.ends_with(b"line100\n"));
+        assert!(o.stderr.len() <= 64);
+    }
+
+    #[tokio::test]
+    async fn a_dropped_command_kills_its_process_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().join("pid");
+        let script = format!("sleep 30 & echo $! > {}; wait", marker.display());
+        let fut = run(spec(&script));
+        let _ = tokio::time::timeout(std::time::Duration::from_millis(500), fut).await;
+        let pid: i32 = std::fs::read_to_string(&marker)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        // The grandchild is gone (or a zombie about to be reaped by init).
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        assert!(
+            stat.is_empty() || stat.contains(") Z"),
+            "still running: {stat}"
+        );
+    }
+}
