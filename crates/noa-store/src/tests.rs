@@ -37,7 +37,7 @@ async fn journal_and_registry_survive_reopen() {
         store.flush().await.unwrap();
     }
     let store = Store::open(&path).unwrap();
-    assert_eq!(store.schema_version().unwrap(), 2);
+    assert_eq!(store.schema_version().unwrap(), 3);
     let events = store.events(&EventQuery::default()).unwrap();
     assert_eq!(
         events.iter().map(|e| e.event.as_str()).collect::<Vec<_>>(),

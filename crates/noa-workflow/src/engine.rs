@@ -85,6 +85,8 @@ enum Control {
 type ControlReply = oneshot::Sender<Result<(), String>>;
 
 struct RunHandle {
+    /// Which driver this is: a retried run gets a new driver while the old one may still be cleaning up.
+    generation: u64,
     ctl: mpsc::UnboundedSender<(Control, oneshot::Sender<Result<(), String>>)>,
     status: watch::Receiver<RunStatus>,
 }
@@ -96,6 +98,7 @@ pub(crate) struct Inner {
     runs: Mutex<HashMap<String, RunHandle>>,
     pub(crate) shutdown: watch::Receiver<bool>,
     pub(crate) triggers_changed: tokio::sync::Notify,
+    generation: std::sync::atomic::AtomicU64,
 }
 
 /// The workflow engine: cheap to clone; every clone drives the same runs.
@@ -239,6 +242,7 @@ impl WorkflowEngine {
                 runs: Mutex::new(HashMap::new()),
                 shutdown,
                 triggers_changed: tokio::sync::Notify::new(),
+                generation: std::sync::atomic::AtomicU64::new(0),
             }),
         }
     }
@@ -419,9 +423,14 @@ impl WorkflowEngine {
     fn spawn_driver(&self, id: String, def: Arc<Workflow>, spec: RunSpec, state: RunState) {
         let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
         let (status_tx, status_rx) = watch::channel(state.status);
+        let generation = self
+            .inner
+            .generation
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.inner.runs.lock().insert(
             id.clone(),
             RunHandle {
+                generation,
                 ctl: ctl_tx,
                 status: status_rx,
             },
@@ -455,14 +464,19 @@ impl WorkflowEngine {
         let inner = self.inner.clone();
         tokio::spawn(async move {
             driver.run().await;
-            inner.runs.lock().remove(&id);
+            let mut runs = inner.runs.lock();
+            if runs.get(&id).is_some_and(|h| h.generation == generation) {
+                runs.remove(&id);
+            }
         });
     }
 
     async fn control(&self, id: &str, ctl: Control) -> Result<()> {
         let tx = {
             let runs = self.inner.runs.lock();
-            runs.get(id).map(|h| h.ctl.clone())
+            runs.get(id)
+                .filter(|h| !h.status.borrow().is_terminal())
+                .map(|h| h.ctl.clone())
         };
         let Some(tx) = tx else {
             return match self.inner.kernel.store().wf_run(id)? {
@@ -561,7 +575,13 @@ impl WorkflowEngine {
         from: Option<&str>,
     ) -> Result<Vec<String>> {
         let rec = self.check(principal, id, Action::RunWorkflow)?;
-        if self.inner.runs.lock().contains_key(id) {
+        let active = self
+            .inner
+            .runs
+            .lock()
+            .get(id)
+            .is_some_and(|h| !h.status.borrow().is_terminal());
+        if active {
             return Err(Error::Conflict(format!(
                 "run {id} is still {}; cancel it or wait for it to end before retrying",
                 rec.status
@@ -1099,6 +1119,10 @@ impl Driver {
 
     async fn commit(&mut self) -> Result<(), noa_store::Error> {
         if self.pending.is_empty() {
+            // A control that changed nothing (a refusal) is answered at once.
+            for (tx, r) in self.replies.drain(..) {
+                let _ = tx.send(r);
+            }
             return Ok(());
         }
         let events = std::mem::take(&mut self.pending);

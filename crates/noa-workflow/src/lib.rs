@@ -18,3 +18,6 @@ pub mod yaml;
 pub use def::{Diagnostic, Workflow, load_file};
 pub use engine::{EngineOptions, Registration, RunSummary, RunView, StepView, WorkflowEngine};
 pub use error::{Error, Result};
+
+#[cfg(test)]
+mod tests;
