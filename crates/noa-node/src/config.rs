@@ -125,6 +125,21 @@ pub const SETTINGS: &[Setting] = &[
         default: "10MiB",
         doc: "A process log file is rotated when it reaches this size.",
     },
+    Setting {
+        key: "workflow.max_concurrent_steps",
+        kind: Kind::Count {
+            min: 1,
+            max: 100_000,
+        },
+        default: "64",
+        doc: "Most workflow steps (commands, HTTP requests, model calls, publishes) in flight on this node at once.",
+    },
+    Setting {
+        key: "workflow.max_output",
+        kind: Kind::Bytes,
+        default: "16MiB",
+        doc: "Most bytes a workflow step may output; a command that prints more is stopped and its step fails.",
+    },
 ];
 
 /// Where a value came from.

@@ -14,7 +14,10 @@ pub use error::{Error, Result};
 /// The model store and catalog, for `noa model pull|add|list|show|rm` without a daemon.
 pub use noa_infer as infer;
 /// The store, for commands that work on a data directory without a daemon (backup verify/restore, rekey).
+pub use noa_sandbox::restore_default_sigpipe;
 pub use noa_store as store;
+/// Workflows, for the CLI (validation happens before a file is sent).
+pub use noa_workflow as workflow;
 
 use noa_bus::Bus;
 use noa_kernel::{BuiltinRuntime, Kernel, KernelOptions};
@@ -277,6 +280,15 @@ impl Node {
             message: format!("cannot serve {}: {e}", ai::SUBJECT),
         })?;
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let workflows = noa_workflow::WorkflowEngine::new(
+            kernel.clone(),
+            noa_workflow::EngineOptions {
+                max_concurrent_steps: config.count("workflow.max_concurrent_steps") as usize,
+                output_limit: config.bytes("workflow.max_output").max(1024) as usize,
+                ..noa_workflow::EngineOptions::new(dir.join("work"))
+            },
+            shutdown_rx.clone(),
+        );
         let state = AppState::new(
             kernel.clone(),
             &token,
@@ -296,11 +308,20 @@ impl Node {
             local,
             shutdown_rx,
         )
-        .with_engine(engine);
+        .with_engine(engine)
+        .with_workflows(workflows.clone());
         let restored = kernel.restore().await?;
         if restored > 0 {
             tracing::info!(restored, "Restarted permanent processes from the registry.");
         }
+        // Unfinished runs resume once everything their steps may call (processes, models) is up.
+        workflows
+            .start_service()
+            .await
+            .map_err(|e| Error::DataDir {
+                path: dir.clone(),
+                message: format!("cannot resume workflow runs: {e}"),
+            })?;
         Ok(Node {
             kernel,
             listener,

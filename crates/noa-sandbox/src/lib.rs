@@ -15,4 +15,4 @@ pub mod protocol;
 
 pub use error::{Error, Result};
 pub use native::{NativeOptions, NativeRuntime, resolve};
-pub use os::ChildLimits;
+pub use os::{ChildLimits, restore_default_sigpipe};

@@ -113,6 +113,15 @@ pub fn signal_name(signal: i32) -> &'static str {
     }
 }
 
+/// Makes a write to a closed pipe end the process quietly, as Unix tools do (`noa … | head`).
+/// Only for short-lived CLI commands: the daemon keeps SIGPIPE ignored and sees EPIPE as an error.
+pub fn restore_default_sigpipe() {
+    // SAFETY: setting a signal's disposition to SIG_DFL has no memory effects.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -12,6 +12,7 @@ mod openai;
 mod openapi;
 mod streams;
 mod trust;
+mod workflows;
 
 pub use error::{ApiError, ApiResult};
 pub use openapi::{ROUTES, openapi};
@@ -74,12 +75,20 @@ pub struct AppState {
     pub(crate) last_login_audit: Arc<std::sync::atomic::AtomicU64>,
     /// The inference engine, when the node runs one.
     pub(crate) engine: Option<noa_infer::Engine>,
+    /// The workflow engine, when the node runs one.
+    pub(crate) workflows: Option<noa_workflow::WorkflowEngine>,
 }
 
 impl AppState {
     /// Serves the OpenAI API and the model manager from `engine`.
     pub fn with_engine(mut self, engine: noa_infer::Engine) -> Self {
         self.engine = Some(engine);
+        self
+    }
+
+    /// Serves `/api/v1/workflows` from `workflows`.
+    pub fn with_workflows(mut self, workflows: noa_workflow::WorkflowEngine) -> Self {
+        self.workflows = Some(workflows);
         self
     }
 
@@ -100,6 +109,7 @@ impl AppState {
             listen: Arc::from(listen.to_string()),
             last_login_audit: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             engine: None,
+            workflows: None,
         }
     }
 }
@@ -233,6 +243,33 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/models", get(openai::models))
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/completions", post(openai::completions))
+        .route("/api/v1/workflows/validate", post(workflows::validate))
+        .route(
+            "/api/v1/workflows/runs",
+            get(workflows::list).post(workflows::start),
+        )
+        .route("/api/v1/workflows/runs/{id}", get(workflows::show))
+        .route("/api/v1/workflows/runs/{id}/events", get(workflows::events))
+        .route(
+            "/api/v1/workflows/runs/{id}/{action}",
+            post(workflows::control),
+        )
+        .route(
+            "/api/v1/workflows/runs/{id}/steps/{step}/logs",
+            get(workflows::logs),
+        )
+        .route(
+            "/api/v1/workflows/runs/{id}/steps/{step}/approve",
+            post(workflows::approve),
+        )
+        .route(
+            "/api/v1/workflows/registered",
+            get(workflows::registered).post(workflows::register),
+        )
+        .route(
+            "/api/v1/workflows/registered/{name}",
+            axum::routing::delete(workflows::unregister),
+        )
         .route("/api/v1/openapi.json", get(api::openapi_doc))
         .route("/metrics", get(metrics::render))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));

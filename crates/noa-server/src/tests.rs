@@ -517,7 +517,7 @@ async fn metrics_and_status() {
         .await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(v["kernel"]["processes"], 1);
-    assert_eq!(v["store"]["schema_version"], 2);
+    assert_eq!(v["store"]["schema_version"], 3);
     let (_, text) = f.call(Method::GET, "/metrics", Some(TOKEN), None).await;
     let text = text.as_str().unwrap();
     assert!(

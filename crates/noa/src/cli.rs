@@ -155,6 +155,9 @@ pub enum Command {
     /// Local models: the store (offline) and the loaded ones (through the daemon).
     #[command(subcommand)]
     Model(ModelCommand),
+    /// Durable workflows: YAML DAGs of steps that survive crashes (format: docs/specs/workflow.md).
+    #[command(subcommand)]
+    Workflow(WorkflowCommand),
     /// Ask a model; the answer streams to the terminal as it is generated.
     #[command(
         after_help = "Examples:\n  noa ask \"Write a haiku about kernels\"\n  noa ask --system \"Answer in French.\" \"What is a kernel?\"\n  noa ask --model smollm2 --max-tokens 64 --temperature 0 \"2+2=\" --json"
@@ -470,6 +473,94 @@ pub enum ModelCommand {
     /// Models loaded in the running daemon: memory, pinning, idle time, requests in flight.
     #[command(after_help = "Example:\n  noa model ps")]
     Ps,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WorkflowCommand {
+    /// Check workflow files without running them (no daemon needed); errors name file:line:column.
+    #[command(after_help = "Example:\n  noa workflow validate examples/workflows/triage.yaml")]
+    Validate {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Start a run of a workflow file; --watch shows each step's progress until it ends.
+    #[command(
+        after_help = "Examples:\n  noa workflow run examples/workflows/triage.yaml --input topic=rust --watch\n  noa workflow run examples/workflows/hello.yaml --json"
+    )]
+    Run {
+        file: PathBuf,
+        /// An input, as NAME=VALUE (repeatable); typed inputs take JSON (`n=3`, `tags=[\"a\"]`).
+        #[arg(long = "input", short = 'i', value_name = "NAME=VALUE")]
+        inputs: Vec<String>,
+        /// Follow the run until it ends (exit code 1 if it fails).
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Runs, newest first.
+    #[command(after_help = "Example:\n  noa workflow list --status failed")]
+    List {
+        /// Only runs with this status: running, paused, succeeded, failed, cancelled.
+        #[arg(long)]
+        status: Option<String>,
+        /// Only runs of this workflow.
+        #[arg(long)]
+        workflow: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+    /// A run and each of its steps.
+    #[command(after_help = "Example:\n  noa workflow show 19a8f0c2d1e4f5a6b")]
+    Show {
+        run: String,
+        /// Follow the run until it ends.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// A step's output and its logs (stderr of each attempt).
+    #[command(after_help = "Example:\n  noa workflow logs 19a8f0c2d1e4f5a6b gather")]
+    Logs { run: String, step: String },
+    /// A run's history of events (what the engine recorded, in order).
+    #[command(after_help = "Example:\n  noa workflow history 19a8f0c2d1e4f5a6b --json")]
+    History { run: String },
+    /// Cancel a run: steps in flight are stopped and their processes killed.
+    #[command(after_help = "Example:\n  noa workflow cancel 19a8f0c2d1e4f5a6b")]
+    Cancel { run: String },
+    /// Pause a run: steps in flight finish, no new step starts until `resume`.
+    #[command(after_help = "Example:\n  noa workflow pause 19a8f0c2d1e4f5a6b")]
+    Pause { run: String },
+    /// Resume a paused run.
+    #[command(after_help = "Example:\n  noa workflow resume 19a8f0c2d1e4f5a6b")]
+    Resume { run: String },
+    /// Run an ended run again from a step (and everything after it); by default from its failed steps.
+    #[command(
+        after_help = "Examples:\n  noa workflow retry 19a8f0c2d1e4f5a6b\n  noa workflow retry 19a8f0c2d1e4f5a6b --from summarize --watch"
+    )]
+    Retry {
+        run: String,
+        #[arg(long)]
+        from: Option<String>,
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Approve a step that waits for approval.
+    #[command(
+        after_help = "Example:\n  noa workflow approve 19a8f0c2d1e4f5a6b ship --comment \"looks good\""
+    )]
+    Approve {
+        run: String,
+        step: String,
+        #[arg(long)]
+        comment: Option<String>,
+    },
+    /// Register a workflow so that its triggers (`on: cron`, `on: subject`) start runs by themselves.
+    #[command(after_help = "Example:\n  noa workflow register examples/workflows/nightly.yaml")]
+    Register { file: PathBuf },
+    /// Stop a registered workflow's triggers.
+    #[command(after_help = "Example:\n  noa workflow unregister nightly")]
+    Unregister { name: String },
+    /// Registered workflows and their triggers.
+    #[command(after_help = "Example:\n  noa workflow registered")]
+    Registered,
 }
 
 #[derive(Debug, Args)]

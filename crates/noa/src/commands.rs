@@ -37,6 +37,9 @@ pub fn run(cli: Cli) -> CliResult<()> {
             | crate::cli::ModelCommand::Show { .. }
             | crate::cli::ModelCommand::Rm { .. }),
         ) => return crate::infer::model_offline(&data_dir, c, json_out),
+        Command::Workflow(crate::cli::WorkflowCommand::Validate { files }) => {
+            return crate::workflow::validate(files, json_out);
+        }
         Command::Config(c) => {
             let client = Client::new(cli.global.addr.clone(), cli.global.token.clone(), &data_dir);
             return crate::trust::config(&data_dir, &client, c, json_out);
@@ -63,6 +66,7 @@ pub fn run(cli: Cli) -> CliResult<()> {
         }
         Command::Model(c) => crate::infer::model_daemon(&client, c, json_out),
         Command::Ask(a) => crate::infer::ask(&client, a, json_out),
+        Command::Workflow(c) => crate::workflow::workflow(&client, &c, json_out),
         Command::Fs(c) => crate::trust::fs(&client, c, json_out),
         Command::Secret(c) => crate::trust::secret(&client, c, json_out),
         Command::Backup(c) => crate::trust::backup_create(&client, c, json_out),

@@ -6,11 +6,15 @@ mod commands;
 mod infer;
 mod output;
 mod trust;
+mod workflow;
 
 use clap::Parser;
 
 fn main() {
     let cli = cli::Cli::parse();
+    if !matches!(cli.command, cli::Command::Up { .. }) {
+        noa_node::restore_default_sigpipe();
+    }
     let code = match commands::run(cli) {
         Ok(()) => 0,
         Err(e) => {

@@ -32,7 +32,7 @@ fn deps(krate: &str) -> Vec<String> {
 
 #[test]
 fn layers_only_point_down() {
-    // types → store/bus/policy → kernel → sandbox → server → node → binary.
+    // types → store/bus/policy → kernel → sandbox/infer → workflow → server → node → binary.
     let allowed: &[(&str, &[&str])] = &[
         ("noa-types", &[]),
         ("noa-bus", &[]),
@@ -56,6 +56,18 @@ fn layers_only_point_down() {
                 "noa-store",
                 "noa-policy",
                 "noa-infer",
+                "noa-workflow",
+            ],
+        ),
+        (
+            "noa-workflow",
+            &[
+                "noa-types",
+                "noa-bus",
+                "noa-store",
+                "noa-policy",
+                "noa-kernel",
+                "noa-sandbox",
             ],
         ),
         (
@@ -68,6 +80,7 @@ fn layers_only_point_down() {
                 "noa-kernel",
                 "noa-sandbox",
                 "noa-infer",
+                "noa-workflow",
                 "noa-server",
             ],
         ),
@@ -96,6 +109,13 @@ fn only_the_server_knows_wire_formats() {
                 "{krate} must not depend on {web}: only noa-server knows HTTP"
             );
         }
+    }
+    // Workflows call HTTP services from `http` steps (a client), but serve no wire format.
+    for web in ["axum", "hyper", "tower", "tokio-tungstenite"] {
+        assert!(
+            !deps("noa-workflow").iter().any(|d| d == web),
+            "noa-workflow must not depend on {web}: only noa-server serves HTTP"
+        );
     }
 }
 
