@@ -361,7 +361,12 @@ async fn health_is_open_and_everything_else_needs_the_token() {
 async fn every_documented_route_exists() {
     let f = fixture();
     for (method, path, _, _, _) in ROUTES {
-        let path = path.replace("{name}", "root").replace("{path}", "shared/x");
+        let path = path
+            .replace("{name}", "root")
+            .replace("{path}", "shared/x")
+            .replace("{id}", "r1")
+            .replace("{step}", "s1")
+            .replace("{action}", "cancel");
         let method = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
         let (s, v) = f
             .call(method.clone(), &path, Some(TOKEN), Some(json!({})))

@@ -307,3 +307,40 @@ fn the_official_openai_client_works_unchanged() {
     assert!(pieces > 3, "{text}");
     assert!(text.contains("error NotFoundError 404"), "{text}");
 }
+
+/// The triage example as a new user runs it: an `llm` step answered by the bundled model through the bus,
+/// a fan-out, and an HTTP step that fails after its retries without failing the run.
+#[test]
+fn the_triage_workflow_runs_with_the_bundled_model() {
+    let d = daemon();
+    let v = d.json(&[
+        "workflow",
+        "run",
+        "examples/workflows/triage.yaml",
+        "--input",
+        "topic=kernels",
+        "--watch",
+    ]);
+    assert_eq!(v["status"], "succeeded", "{v:#}");
+    let step = |id: &str| {
+        v["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["id"] == id)
+            .cloned()
+            .unwrap()
+    };
+    let summary = step("summarize");
+    assert_eq!(summary["status"], "succeeded", "{summary:#}");
+    assert!(!summary["output"].as_str().unwrap().trim().is_empty());
+    assert_eq!(v["outputs"]["summary"], summary["output"]);
+    assert_eq!(v["outputs"]["items"], json!(["item=a", "item=b", "item=c"]));
+    let post = step("post");
+    assert_eq!(post["status"], "failed");
+    assert_eq!(post["attempts"], 3);
+    assert!(
+        post["error"].as_str().unwrap().contains("127.0.0.1:9/hook"),
+        "{post:#}"
+    );
+}
