@@ -297,15 +297,17 @@ pub struct Workflow {
     pub max_parallel: Option<usize>,
     /// The sources of sub-workflow files, by the path written in the file, so a run is self-contained.
     pub includes: BTreeMap<String, String>,
+    /// Step ids to their positions in `steps`.
+    index: HashMap<String, usize>,
 }
 
 impl Workflow {
     pub fn step(&self, id: &str) -> Option<&Step> {
-        self.steps.iter().find(|s| s.id == id)
+        self.step_index(id).map(|i| &self.steps[i])
     }
 
     pub fn step_index(&self, id: &str) -> Option<usize> {
-        self.steps.iter().position(|s| s.id == id)
+        self.index.get(id).copied()
     }
 
     /// Checks and completes run inputs: unknown names, types, and defaults.
@@ -1031,7 +1033,13 @@ fn parse_nested(
         c.diags.dedup();
         return Err(c.diags);
     }
+    let index = steps
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.id.clone(), i))
+        .collect();
     Ok(Workflow {
+        index,
         name,
         description,
         file: file.to_owned(),
