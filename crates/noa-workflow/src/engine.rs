@@ -144,6 +144,8 @@ pub struct StepView {
     pub output: Option<String>,
     pub output_file: Option<String>,
     pub outputs: Map<String, Value>,
+    /// VFS paths of the files the step kept from `$NOA_ARTIFACTS`.
+    pub artifacts: Vec<String>,
     pub error: Option<String>,
     pub started_ms: Option<u64>,
     pub finished_ms: Option<u64>,
@@ -730,6 +732,7 @@ impl WorkflowEngine {
                     output,
                     output_file,
                     outputs: s.outputs.clone(),
+                    artifacts: s.artifacts.clone(),
                     error: s.error.clone(),
                     started_ms: s.started_ms,
                     finished_ms: s.finished_ms,
@@ -999,7 +1002,7 @@ struct UnitDone {
     step: usize,
     index: u32,
     attempt: u32,
-    result: Result<Output, String>,
+    result: Result<steps::Outcome, String>,
 }
 
 enum Timer {
@@ -1450,6 +1453,16 @@ impl Driver {
         if let Some(ix) = index {
             data["index"] = json!(ix);
         }
+        // A timeout is a timer too: an attempt resumed after a restart gets what was left of it.
+        let now = noa_types::now_ms();
+        let deadline = match (unit.in_flight, unit.deadline, step.timeout) {
+            (true, Some(d), Some(_)) => Some(d),
+            (_, _, Some(t)) => Some(now + t.as_millis() as u64),
+            _ => None,
+        };
+        if let Some(d) = deadline {
+            data["deadline_ms"] = json!(d);
+        }
         self.push(kind::STEP_STARTED, Some(i), data, false);
         let scope = self.scope(i, Some(u));
         let needs_slot = matches!(
@@ -1468,10 +1481,21 @@ impl Driver {
             key,
             scope,
             principal: self.principal.clone(),
+            restore: step
+                .needs
+                .iter()
+                .filter_map(|n| self.def.step_index(n))
+                .flat_map(|j| self.state.steps[j].artifacts.clone())
+                .collect(),
         };
         let slots = self.inner.slots.clone();
         let done = self.done_tx.clone();
-        let timeout = step.timeout;
+        let timeout = step.timeout.map(|t| {
+            (
+                t,
+                Duration::from_millis(deadline.unwrap_or(now).saturating_sub(now)),
+            )
+        });
         let handle = tokio::spawn(async move {
             let _permit = if needs_slot {
                 slots.acquire_owned().await.ok()
@@ -1480,7 +1504,7 @@ impl Driver {
             };
             let work = steps::execute(ctx);
             let result = match timeout {
-                Some(t) => match tokio::time::timeout(t, work).await {
+                Some((t, left)) => match tokio::time::timeout(left, work).await {
                     Ok(r) => r,
                     Err(_) => Err(format!("timed out after {}", show_duration(t))),
                 },
@@ -1505,11 +1529,14 @@ impl Driver {
         let step = self.def.steps[i].clone();
         let index = unit_index(&step, d.index);
         match d.result {
-            Ok(output) => {
+            Ok((output, artifacts)) => {
                 if step.for_each.is_some() {
                     let (k, v) = output.to_json();
                     let mut data = json!({ "index": d.index, "status": "succeeded" });
                     data[k] = v;
+                    if !artifacts.is_empty() {
+                        data["artifacts"] = json!(artifacts);
+                    }
                     self.push(kind::ITEM_FINISHED, Some(i), data, true);
                     self.maybe_finish_items(i);
                 } else if let Some(l) = &step.loop_spec {
@@ -1523,7 +1550,7 @@ impl Driver {
                             Some(format!("loop.until: {e}")),
                             Map::new(),
                         ),
-                        Ok(v) if truthy(&v) => self.finish_with_outputs(i, output),
+                        Ok(v) if truthy(&v) => self.finish_with_outputs(i, output, artifacts),
                         Ok(_) if d.index >= l.max_iterations => self.finish_step(
                             i,
                             StepStatus::Failed,
@@ -1538,12 +1565,15 @@ impl Driver {
                             let (k, v) = output.to_json();
                             let mut data = json!({ "index": d.index, "status": "succeeded" });
                             data[k] = v;
+                            if !artifacts.is_empty() {
+                                data["artifacts"] = json!(artifacts);
+                            }
                             self.push(kind::ITEM_FINISHED, Some(i), data, true);
                             self.ready.push_back((i, d.index + 1));
                         }
                     }
                 } else {
-                    self.finish_with_outputs(i, output);
+                    self.finish_with_outputs(i, output, artifacts);
                 }
             }
             Err(error) => {
@@ -1616,7 +1646,7 @@ impl Driver {
         }
     }
 
-    fn finish_with_outputs(&mut self, i: usize, output: Output) {
+    fn finish_with_outputs(&mut self, i: usize, output: Output, artifacts: Vec<String>) {
         let step = self.def.steps[i].clone();
         let mut outputs = Map::new();
         if !step.outputs.is_empty() {
@@ -1640,7 +1670,14 @@ impl Driver {
                 }
             }
         }
-        self.finish_step(i, StepStatus::Succeeded, Some(output), None, outputs);
+        self.finish_step_with(
+            i,
+            StepStatus::Succeeded,
+            Some(output),
+            None,
+            outputs,
+            artifacts,
+        );
     }
 
     fn finish_step(
@@ -1651,10 +1688,26 @@ impl Driver {
         error: Option<String>,
         outputs: Map<String, Value>,
     ) {
+        self.finish_step_with(i, status, output, error, outputs, Vec::new());
+    }
+
+    /// Records that a step ended, with the artifacts of its last unit.
+    fn finish_step_with(
+        &mut self,
+        i: usize,
+        status: StepStatus,
+        output: Option<Output>,
+        error: Option<String>,
+        outputs: Map<String, Value>,
+        artifacts: Vec<String>,
+    ) {
         let mut data = json!({ "status": status.as_str() });
         if let Some(o) = &output {
             let (k, v) = o.to_json();
             data[k] = v;
+        }
+        if !artifacts.is_empty() {
+            data["artifacts"] = json!(artifacts);
         }
         if !outputs.is_empty() {
             data["outputs"] = Value::Object(outputs);

@@ -109,6 +109,8 @@ pub struct Unit {
     pub in_flight: bool,
     /// When a retry is due (ms since the epoch), after a failed attempt.
     pub retry_at: Option<u64>,
+    /// When the attempt in flight times out (ms since the epoch), if the step has a timeout.
+    pub deadline: Option<u64>,
     pub done: Option<(StepStatus, Option<Output>, Option<String>)>,
 }
 
@@ -126,6 +128,8 @@ pub struct StepState {
     /// A sleep's wake-up time, once set.
     pub wake_at: Option<u64>,
     pub approved_by: Option<String>,
+    /// VFS paths of the files the step's units kept from `$NOA_ARTIFACTS`.
+    pub artifacts: Vec<String>,
 }
 
 impl Default for StepState {
@@ -141,6 +145,7 @@ impl Default for StepState {
             finished_ms: None,
             wake_at: None,
             approved_by: None,
+            artifacts: Vec::new(),
         }
     }
 }
@@ -193,6 +198,15 @@ pub struct RunState {
     pub seq: u64,
     pub created_ms: u64,
     pub finished_ms: Option<u64>,
+}
+
+fn artifacts_of(d: &Value) -> Vec<String> {
+    d.get("artifacts")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|a| a.as_str().map(str::to_owned))
+        .collect()
 }
 
 fn num(d: &Value, k: &str) -> Option<u64> {
@@ -272,6 +286,7 @@ impl RunState {
                 u.attempt = num(d, "attempt").unwrap_or(1) as u32;
                 u.in_flight = true;
                 u.retry_at = None;
+                u.deadline = num(d, "deadline_ms");
             }
             (kind::STEP_TIMER, Some(i)) => self.steps[i].wake_at = num(d, "wake_at_ms"),
             (kind::STEP_WAITING, Some(i)) => self.steps[i].status = StepStatus::Waiting,
@@ -285,6 +300,7 @@ impl RunState {
                 u.retry_at = num(d, "retry_at_ms");
             }
             (kind::ITEM_FINISHED, Some(i)) => {
+                self.steps[i].artifacts.extend(artifacts_of(d));
                 let u = self.steps[i].units.entry(unit_no).or_default();
                 u.in_flight = false;
                 u.retry_at = None;
@@ -296,6 +312,7 @@ impl RunState {
             }
             (kind::STEP_FINISHED, Some(i)) => {
                 let st = &mut self.steps[i];
+                st.artifacts.extend(artifacts_of(d));
                 st.status = StepStatus::parse(d["status"].as_str().unwrap_or("failed"));
                 st.output = Output::from_data(d);
                 st.outputs = d

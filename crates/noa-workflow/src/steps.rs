@@ -22,7 +22,12 @@ pub(crate) struct UnitCtx {
     pub key: String,
     pub scope: Scope,
     pub principal: Principal,
+    /// VFS files of the steps this one needs (their artifacts), to put back in the working folder if missing.
+    pub restore: Vec<String>,
 }
+
+/// What a unit that succeeded leaves: its output and the VFS paths of the artifacts it kept.
+pub(crate) type Outcome = (Output, Vec<String>);
 
 impl UnitCtx {
     fn label(&self) -> String {
@@ -81,9 +86,17 @@ impl UnitCtx {
 }
 
 /// Runs one unit to its end.
-pub(crate) async fn execute(ctx: UnitCtx) -> Result<Output, String> {
+pub(crate) async fn execute(ctx: UnitCtx) -> Result<Outcome, String> {
     match ctx.step.kind.clone() {
         StepKind::Run { command } => run(&ctx, &command).await,
+        other => execute_kind(&ctx, other).await.map(|o| (o, Vec::new())),
+    }
+}
+
+async fn execute_kind(ctx: &UnitCtx, kind: StepKind) -> Result<Output, String> {
+    let ctx = ctx;
+    match kind {
+        StepKind::Run { .. } => Err("a run step has no other way to run".to_owned()),
         StepKind::Llm {
             model,
             prompt,
@@ -245,11 +258,121 @@ pub(crate) async fn execute(ctx: UnitCtx) -> Result<Output, String> {
     }
 }
 
-async fn run(ctx: &UnitCtx, command: &crate::expr::Template) -> Result<Output, String> {
+/// Puts the artifacts of earlier steps back into the run's working folder when it lost them (a retry after
+/// the run had ended, or another node).
+async fn restore_artifacts(ctx: &UnitCtx, cwd: &std::path::Path) -> Result<(), String> {
+    let prefix = format!("/runs/{}/artifacts/", ctx.run_id);
+    for path in &ctx.restore {
+        let Some(rel) = path.strip_prefix(&prefix) else {
+            continue;
+        };
+        let local = cwd.join("artifacts").join(rel);
+        if local.exists() {
+            continue;
+        }
+        let store = ctx.engine.kernel.store().clone();
+        let vpath = VPath::parse(path).map_err(|e| e.to_string())?;
+        let data = tokio::task::spawn_blocking(move || store.fs_open(&vpath, None)?.read_all())
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("cannot read the artifact {path}: {e}"))?;
+        if let Some(parent) = local.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
+        }
+        std::fs::write(&local, data)
+            .map_err(|e| format!("cannot restore {}: {e}", local.display()))?;
+    }
+    Ok(())
+}
+
+/// Keeps every regular file under `dir` in the VFS under `/runs/<run>/artifacts/<unit>/`, in one transaction.
+async fn keep_artifacts(ctx: &UnitCtx, dir: &std::path::Path) -> Result<Vec<String>, String> {
+    let mut files = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            // Symlinks are not followed: an artifact is what the step wrote, nothing it points at.
+            let Ok(meta) = std::fs::symlink_metadata(e.path()) else {
+                continue;
+            };
+            if meta.is_dir() {
+                stack.push(e.path());
+            } else if meta.is_file() {
+                files.push(e.path());
+            }
+        }
+    }
+    if files.is_empty() {
+        return Ok(Vec::new());
+    }
+    files.sort();
+    let base = format!("/runs/{}/artifacts/{}", ctx.run_id, ctx.label());
+    let store = ctx.engine.kernel.store().clone();
+    let dir = dir.to_owned();
+    let limit = ctx.engine.opts.output_limit as u64;
+    let (ops, paths) = tokio::task::spawn_blocking(move || -> Result<_, String> {
+        let mut ops = Vec::new();
+        let mut paths = Vec::new();
+        for f in files {
+            let rel = f
+                .strip_prefix(&dir)
+                .unwrap_or(&f)
+                .to_string_lossy()
+                .into_owned();
+            let path = format!("{base}/{rel}");
+            VPath::parse(&path).map_err(|e| format!("artifact {rel}: {e}"))?;
+            let mut file = std::fs::File::open(&f).map_err(|e| format!("artifact {rel}: {e}"))?;
+            let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+            if size > limit {
+                return Err(format!(
+                    "artifact {rel} has {} bytes, more than workflow.max_output ({limit})",
+                    size
+                ));
+            }
+            let mut w = store.blob_writer().map_err(|e| e.to_string())?;
+            let mut buf = vec![0u8; 64 << 10];
+            loop {
+                let n = std::io::Read::read(&mut file, &mut buf)
+                    .map_err(|e| format!("artifact {rel}: {e}"))?;
+                if n == 0 {
+                    break;
+                }
+                w.write(&buf[..n]).map_err(|e| e.to_string())?;
+            }
+            let blob = w.finish().map_err(|e| e.to_string())?;
+            ops.push(noa_store::FsOp::Put {
+                path: path.clone(),
+                blob,
+            });
+            paths.push(path);
+        }
+        Ok((ops, paths))
+    })
+    .await
+    .map_err(|e| e.to_string())??;
+    ctx.engine
+        .kernel
+        .store()
+        .fs_commit(&format!("workflow:{}", ctx.run_id), ops)
+        .await
+        .map_err(|e| format!("cannot keep the artifacts: {e}"))?;
+    Ok(paths)
+}
+
+async fn run(ctx: &UnitCtx, command: &crate::expr::Template) -> Result<Outcome, String> {
     let script = ctx.render(command, "run")?;
     let cwd = ctx.engine.opts.work_dir.join(&ctx.run_id);
     std::fs::create_dir_all(&cwd)
         .map_err(|e| format!("cannot create the working folder {}: {e}", cwd.display()))?;
+    restore_artifacts(ctx, &cwd).await?;
+    // An attempt starts with an empty artifacts folder of its own (an interrupted one may have left files).
+    let artifacts = cwd.join("artifacts").join(ctx.label());
+    let _ = std::fs::remove_dir_all(&artifacts);
+    std::fs::create_dir_all(&artifacts)
+        .map_err(|e| format!("cannot create {}: {e}", artifacts.display()))?;
     let mut env: Vec<(String, String)> = vec![
         ("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()),
         ("HOME".into(), cwd.display().to_string()),
@@ -258,6 +381,7 @@ async fn run(ctx: &UnitCtx, command: &crate::expr::Template) -> Result<Output, S
         ("NOA_STEP_ID".into(), ctx.step.id.clone()),
         ("NOA_ATTEMPT".into(), ctx.attempt.to_string()),
         ("NOA_ATTEMPT_KEY".into(), ctx.key.clone()),
+        ("NOA_ARTIFACTS".into(), artifacts.display().to_string()),
     ];
     if let Some(item) = ctx.scope.vars.get("item") {
         env.push(("NOA_ITEM".into(), to_text(item)));
@@ -290,7 +414,8 @@ async fn run(ctx: &UnitCtx, command: &crate::expr::Template) -> Result<Output, S
                     if text.ends_with('\n') {
                         text.pop();
                     }
-                    ctx.output(text).await
+                    let kept = keep_artifacts(ctx, &artifacts).await?;
+                    Ok((ctx.output(text).await?, kept))
                 }
                 exit => {
                     let how = match exit {

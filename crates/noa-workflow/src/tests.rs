@@ -521,7 +521,7 @@ async fn a_stopped_engine_resumes_runs_without_repeating_finished_steps() {
     let p = |n: &str| dir.path().join(n).display().to_string();
     let (once, keys, gate) = (p("once"), p("keys"), p("gate"));
     let yaml = format!(
-        "name: resume\nsteps:\n  - id: once\n    run: echo x >> {once}; echo done\n  - id: nap\n    sleep: 1s\n  - id: inflight\n    needs: [once]\n    run: echo $NOA_ATTEMPT_KEY >> {keys}; while [ ! -e {gate} ]; do sleep 0.05; done; echo ok\n  - id: last\n    needs: [inflight, nap]\n    run: echo ${{{{ steps.once.output }}}}-${{{{ steps.inflight.output }}}}\n"
+        "name: resume\nsteps:\n  - id: once\n    run: echo x >> {once}; echo done\n  - id: nap\n    sleep: 1s\n  - id: inflight\n    needs: [once]\n    run: echo $NOA_ATTEMPT_KEY >> {keys}; while [ ! -e {gate} ]; do sleep 0.05; done; echo ok\n  - id: last\n    needs: [inflight, nap]\n    run: echo ${{{{ steps.once.output }}}}-${{{{ steps.inflight.output }}}}\n  - id: bounded\n    run: sleep 30\n    timeout: 2s\n    continue_on_error: true\n"
     );
     let def = parse(&yaml, dir.path());
     let id = engine
@@ -539,6 +539,8 @@ async fn a_stopped_engine_resumes_runs_without_repeating_finished_steps() {
     assert_eq!(engine.active_runs(), 0);
     std::fs::write(&gate, "").unwrap();
     drop(engine);
+    // The node stays down a while: timers must keep their times, not start again.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
 
     let (engine, _stop2) = engine_for(&kernel, dir.path(), |_| {});
     assert_eq!(engine.start_service().await.unwrap(), 1);
@@ -563,6 +565,12 @@ async fn a_stopped_engine_resumes_runs_without_repeating_finished_steps() {
     // The sleep's timer was kept: it ended about a second after the run started, not a second after the restart.
     let nap = step(&v, "nap");
     assert!(nap.finished_ms.unwrap() - v.created_ms < 1800, "{nap:?}");
+    let bounded = step(&v, "bounded");
+    assert_eq!(bounded.error.as_deref(), Some("timed out after 2s"));
+    assert!(
+        bounded.finished_ms.unwrap() - v.created_ms < 2900,
+        "{bounded:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -656,4 +664,39 @@ async fn bad_inputs_and_unknown_runs_are_clear_errors() {
         )
         .await;
     assert!(denied.unwrap_err().to_string().contains("denied"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn artifacts_are_kept_in_the_vfs_and_restored_for_later_steps() {
+    let e = env().await;
+    let flag = e.path("flag");
+    let yaml = format!(
+        "name: art\nsteps:\n  - id: make\n    run: echo report > $NOA_ARTIFACTS/report.txt; mkdir $NOA_ARTIFACTS/sub; echo deep > $NOA_ARTIFACTS/sub/x.txt; ln -s /etc/passwd $NOA_ARTIFACTS/link; echo made\n  - id: use\n    needs: [make]\n    run: test -e {flag} && cat artifacts/make/report.txt artifacts/make/sub/x.txt\n"
+    );
+    let v = e.run(&yaml).await;
+    assert_eq!(v.status, "failed");
+    let make = step(&v, "make");
+    let base = format!("/runs/{}/artifacts/make", v.id);
+    assert_eq!(
+        make.artifacts,
+        vec![format!("{base}/report.txt"), format!("{base}/sub/x.txt")]
+    );
+    let stored = e
+        .kernel
+        .store()
+        .fs_open(
+            &noa_store::VPath::parse(&format!("{base}/report.txt")).unwrap(),
+            None,
+        )
+        .unwrap()
+        .read_all()
+        .unwrap();
+    assert_eq!(stored, b"report\n");
+    // The run ended, so its working folder is gone; a retry gets the artifacts back from the VFS.
+    assert!(!e.dir.path().join("work").join(&v.id).exists());
+    std::fs::write(&flag, "").unwrap();
+    e.engine.retry(&admin(), &v.id, None).await.unwrap();
+    let v = e.wait(&v.id).await;
+    assert_eq!(v.status, "succeeded", "{v:#?}");
+    assert_eq!(step(&v, "use").output.as_deref(), Some("report\ndeep"));
 }
