@@ -94,7 +94,6 @@ pub(crate) async fn execute(ctx: UnitCtx) -> Result<Outcome, String> {
 }
 
 async fn execute_kind(ctx: &UnitCtx, kind: StepKind) -> Result<Output, String> {
-    let ctx = ctx;
     match kind {
         StepKind::Run { .. } => Err("a run step has no other way to run".to_owned()),
         StepKind::Llm {
