@@ -1148,6 +1148,10 @@ impl Driver {
             store.wf_append_nowait(&self.id, events.clone());
         }
         self.durable = false;
+        // The working folder goes before anyone hears that the run ended.
+        if self.state.status.is_terminal() {
+            let _ = std::fs::remove_dir_all(self.inner.opts.work_dir.join(&self.id));
+        }
         for ev in &events {
             publish_event(&self.inner, &self.id, ev);
         }
@@ -1155,9 +1159,6 @@ impl Driver {
             let _ = tx.send(r);
         }
         let _ = self.status_tx.send(self.state.status);
-        if self.state.status.is_terminal() {
-            let _ = std::fs::remove_dir_all(self.inner.opts.work_dir.join(&self.id));
-        }
         Ok(())
     }
 
