@@ -456,11 +456,6 @@ fn http(
     limit: usize,
     timeout: Duration,
 ) -> Result<String, String> {
-    if url.starts_with("https://") {
-        return Err(format!(
-            "{url}: this build of noa speaks plain HTTP only in http steps; use http:// (e.g. a local service)"
-        ));
-    }
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(timeout))
         .http_status_as_error(false)

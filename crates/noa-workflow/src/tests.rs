@@ -460,6 +460,10 @@ async fn sub_workflows_and_http_steps() {
                 loop {
                     let n = s.read(&mut buf).await.unwrap_or(0);
                     got.extend_from_slice(&buf[..n]);
+                    // Not HTTP (a TLS hello): hang up.
+                    if got.first().is_some_and(|b| !b.is_ascii_uppercase()) {
+                        return;
+                    }
                     let text = String::from_utf8_lossy(&got).to_string();
                     if let Some(h) = text.find("\r\n\r\n") {
                         let len: usize = text
@@ -493,7 +497,7 @@ async fn sub_workflows_and_http_steps() {
         }
     });
     let v = e
-        .run(&format!("name: parent\nsteps:\n  - id: sub\n    workflow: {{ file: child.yaml, inputs: {{ x: 21 }} }}\n  - id: post\n    needs: [sub]\n    http: {{ method: POST, url: \"http://127.0.0.1:{port}/hook\", body: {{ y: \"${{{{ fromJSON(steps.sub.output).y }}}}\" }} }}\n  - id: bad\n    http: {{ method: POST, url: \"http://127.0.0.1:{port}/fail\" }}\n    continue_on_error: true\n"))
+        .run(&format!("name: parent\nsteps:\n  - id: sub\n    workflow: {{ file: child.yaml, inputs: {{ x: 21 }} }}\n  - id: post\n    needs: [sub]\n    http: {{ method: POST, url: \"http://127.0.0.1:{port}/hook\", body: {{ y: \"${{{{ fromJSON(steps.sub.output).y }}}}\" }} }}\n  - id: bad\n    http: {{ method: POST, url: \"http://127.0.0.1:{port}/fail\" }}\n    continue_on_error: true\n  - id: tls\n    http: {{ url: \"https://127.0.0.1:{port}/x\" }}\n    continue_on_error: true\n"))
         .await;
     assert_eq!(v.status, "succeeded", "{v:#?}");
     assert_eq!(step(&v, "sub").output.as_deref(), Some(r#"{"y":"42"}"#));
@@ -504,6 +508,12 @@ async fn sub_workflows_and_http_steps() {
     assert_eq!(
         step(&v, "bad").error.as_deref(),
         Some(format!("POST http://127.0.0.1:{port}/fail answered HTTP 500: broken").as_str())
+    );
+    // HTTPS is spoken: against a plain-HTTP server the TLS handshake fails, with a message that says where.
+    let tls = step(&v, "tls").error.clone().unwrap();
+    assert!(
+        tls.starts_with(&format!("GET https://127.0.0.1:{port}/x failed:")),
+        "{tls}"
     );
     let runs = e.engine.list(&admin(), &Default::default()).unwrap();
     assert!(
