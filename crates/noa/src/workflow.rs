@@ -520,6 +520,31 @@ fn watch_run(client: &Client, id: &str, json_out: bool) -> CliResult<()> {
         println!("{v}");
     } else {
         print_run(&v);
+        // The end of each failed step's log says why, without another command.
+        for s in v["steps"].as_array().into_iter().flatten() {
+            if s["status"] != "failed" {
+                continue;
+            }
+            let step = s["id"].as_str().unwrap_or("");
+            let Ok(l) = client.get(&format!(
+                "/api/v1/workflows/runs/{}/steps/{}/logs",
+                encode(id),
+                encode(step)
+            )) else {
+                continue;
+            };
+            if let Some(last) = l["logs"].as_array().and_then(|a| a.last()) {
+                let text = last["text"].as_str().unwrap_or("");
+                let lines: Vec<&str> = text.lines().collect();
+                eprintln!(
+                    "--- {} (last lines) ---",
+                    last["name"].as_str().unwrap_or(step)
+                );
+                for line in &lines[lines.len().saturating_sub(5)..] {
+                    eprintln!("{line}");
+                }
+            }
+        }
     }
     match v["status"].as_str() {
         Some("succeeded") => Ok(()),

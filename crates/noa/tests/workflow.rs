@@ -125,6 +125,22 @@ fn validate_run_watch_list_show_logs_and_history() {
         shown.contains("wait-ready") && shown.contains("3/3"),
         "{shown}"
     );
+    // A failing run under --watch: exit code 1, the error, and the end of the failed step's log.
+    let work = tempfile::tempdir().unwrap();
+    let file = work.path().join("fails.yaml");
+    std::fs::write(&file, "name: fails\nsteps:\n  - id: broken\n    run: echo first >&2; echo 'disk full' >&2; exit 4\n").unwrap();
+    let out = d.noa(&["workflow", "run", file.to_str().unwrap(), "--watch"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--- broken.1.log (last lines) ---\nfirst\ndisk full"),
+        "{err}"
+    );
+    assert!(
+        err.contains("error: run ")
+            && err.contains("failed: step `broken` failed: the command exited with 4: disk full"),
+        "{err}"
+    );
     let missing = d.noa(&["workflow", "show", "nope"]);
     assert_eq!(missing.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("NOA-E0901 no workflow run nope"));
