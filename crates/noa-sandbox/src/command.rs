@@ -1,7 +1,8 @@
 //! One-shot commands: a shell command run to completion as a sandboxed child process (workflow `run` steps).
 //!
 //! The child gets a cleared environment plus what the caller grants, its own process group (killed as a whole
-//! when the command ends, times out or is cancelled), rlimits, and death with the daemon. Its stdout is collected
+//! when the command exits, so nothing it started in the background outlives it, and when it times out or is
+//! cancelled), rlimits, and death with the daemon. Its stdout is collected
 //! up to a limit (a command that prints more fails rather than filling memory); its stderr is kept as a log,
 //! the last `log_limit` bytes of it.
 
@@ -161,25 +162,38 @@ pub async fn run(spec: CommandSpec) -> Result<CommandOutput, CommandError> {
         }
         (kept, truncated)
     });
-    let mut out = Vec::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = stdout.read(&mut buf).await.map_err(CommandError::Io)?;
-        if n == 0 {
-            break;
+    let pgid = child.id().unwrap_or(0);
+    let limit = spec.output_limit;
+    let reader = tokio::spawn(async move {
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match stdout.read(&mut buf).await {
+                Ok(0) => return Ok(out),
+                Ok(n) if out.len() + n > limit => {
+                    os::kill_group(pgid, libc::SIGKILL);
+                    return Err(None);
+                }
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+                Err(e) => return Err(Some(e)),
+            }
         }
-        if out.len() + n > spec.output_limit {
-            drop(_guard);
-            let _ = child.wait().await;
+    });
+    let status = child.wait().await.map_err(CommandError::Io)?;
+    // The command has ended: what it left running in the background ends with it, so the pipes close.
+    os::kill_group(pgid, libc::SIGKILL);
+    let out = match reader.await {
+        Ok(Ok(out)) => out,
+        Ok(Err(None)) => {
             let (stderr, _) = log.await.unwrap_or_default();
             return Err(CommandError::OutputTooLarge {
                 limit: spec.output_limit,
                 stderr,
             });
         }
-        out.extend_from_slice(&buf[..n]);
-    }
-    let status = child.wait().await.map_err(CommandError::Io)?;
+        Ok(Err(Some(e))) => return Err(CommandError::Io(e)),
+        Err(e) => return Err(CommandError::Io(std::io::Error::other(e.to_string()))),
+    };
     let (stderr, stderr_truncated) = log.await.unwrap_or_default();
     use std::os::unix::process::ExitStatusExt;
     let exit = match (status.code(), status.signal()) {
@@ -266,6 +280,14 @@ mod tests {
         assert!(o.stderr_truncated);
         assert!(o.stderr.ends_with(b"line100\n"));
         assert!(o.stderr.len() <= 64);
+    }
+
+    #[tokio::test]
+    async fn background_processes_end_with_the_command() {
+        let t = std::time::Instant::now();
+        let o = run(spec("sleep 30 & echo started")).await.unwrap();
+        assert_eq!(o.stdout, b"started\n");
+        assert!(t.elapsed() < std::time::Duration::from_secs(5));
     }
 
     #[tokio::test]

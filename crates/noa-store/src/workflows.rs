@@ -148,9 +148,14 @@ impl Store {
             .map(|_| ())
     }
 
-    /// Appends events without waiting: they commit in order with everything sent after them.
-    pub fn wf_append_nowait(&self, run: &str, events: Vec<RunEvent>) {
-        let (ack, _) = tokio::sync::oneshot::channel();
+    /// Appends events without waiting: they commit in order with everything sent after them. The returned
+    /// receiver says when they are durable (or that they are not), for whoever must not act before that.
+    pub fn wf_append_deferred(
+        &self,
+        run: &str,
+        events: Vec<RunEvent>,
+    ) -> tokio::sync::oneshot::Receiver<Result<usize>> {
+        let (ack, rx) = tokio::sync::oneshot::channel();
         let statements = Self::wf_statements(run, events, None);
         if self
             .inner
@@ -165,6 +170,7 @@ impl Store {
         {
             tracing::error!("The store writer has stopped; a workflow event was lost.");
         }
+        rx
     }
 
     /// One run.

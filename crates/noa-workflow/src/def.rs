@@ -402,6 +402,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             return Err(format!("{s:?} is too long"));
         }
         total += Duration::from_secs_f64(secs);
+        if total.as_secs() >= 1_000_000_000 {
+            return Err(format!("{s:?} is too long"));
+        }
         rest = &rest[digits + unit_len..];
     }
     Ok(total)
@@ -1347,6 +1350,24 @@ fn parse_step(
         }
     };
 
+    // Sleeps and approvals are kept by the engine, not run: these keys would silently do nothing.
+    if matches!(kind, StepKind::Sleep { .. } | StepKind::Approval { .. }) {
+        for key in ["for_each", "loop", "retry", "timeout", "max_parallel"] {
+            if let Some((k, n)) = m.iter().find(|(k, _)| *k == key) {
+                c.err(
+                    n.pos,
+                    format!(
+                        "step `{id}`: `{k}` does not apply to {} step",
+                        if kind.name() == "sleep" {
+                            "a sleep"
+                        } else {
+                            "an approval"
+                        }
+                    ),
+                );
+            }
+        }
+    }
     let mut needs = Vec::new();
     if let Some(n) = get("needs") {
         let items: Vec<&Node> = match &n.kind {

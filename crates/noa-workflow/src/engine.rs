@@ -265,9 +265,9 @@ impl WorkflowEngine {
             ..Default::default()
         })?;
         let mut resumed = 0;
-        // Oldest first, so that parents find their children's handles… either order works: children
-        // are found by id when a parent's unit runs again.
-        for rec in unfinished.into_iter().rev() {
+        // Newest first: a sub-workflow run is newer than its parent, so its driver exists before the
+        // parent's unit looks for it (and `wait` tolerates the other order anyway).
+        for rec in unfinished {
             match parse_spec(&rec) {
                 Ok((spec, def)) => {
                     let events = store.wf_events(&rec.id, 0)?;
@@ -440,7 +440,24 @@ impl WorkflowEngine {
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         let refs = def.steps.iter().map(|s| step_refs(&def, s)).collect();
         let out_refs = outputs_refs(&def);
+        let (publisher, mut to_publish) =
+            mpsc::unbounded_channel::<(Option<Durable>, Vec<RunEvent>)>();
+        let publish_inner = self.inner.clone();
+        let publish_id = id.clone();
+        tokio::spawn(async move {
+            while let Some((durable, events)) = to_publish.recv().await {
+                if let Some(rx) = durable
+                    && !matches!(rx.await, Ok(Ok(_)))
+                {
+                    continue;
+                }
+                for ev in &events {
+                    publish_event(&publish_inner, &publish_id, ev);
+                }
+            }
+        });
         let driver = Driver {
+            publisher,
             inner: self.inner.clone(),
             principal: principal_from_id(&spec.by),
             inputs: spec.inputs.clone(),
@@ -725,7 +742,12 @@ impl WorkflowEngine {
                     attempts: s.units.values().map(|u| u.attempt).sum(),
                     units_total: match (&s.items, &d.loop_spec) {
                         (Some(items), _) => Some(items.len()),
-                        (None, Some(_)) => Some(s.units.len()),
+                        (None, Some(_)) => Some(
+                            s.units
+                                .values()
+                                .filter(|u| u.done.is_some() || u.in_flight)
+                                .count(),
+                        ),
                         _ => None,
                     },
                     units_done: s.units.values().filter(|u| u.done.is_some()).count(),
@@ -805,25 +827,30 @@ impl WorkflowEngine {
 
     /// Waits until a run has ended and shows it.
     pub async fn wait(&self, id: &str) -> Result<RunView> {
-        let rx = self.inner.runs.lock().get(id).map(|h| h.status.clone());
-        if let Some(mut rx) = rx {
-            while !rx.borrow().is_terminal() {
-                if rx.changed().await.is_err() {
-                    break;
+        loop {
+            let rx = self.inner.runs.lock().get(id).map(|h| h.status.clone());
+            if let Some(mut rx) = rx {
+                while !rx.borrow().is_terminal() {
+                    if rx.changed().await.is_err() {
+                        break;
+                    }
                 }
             }
+            let rec = self
+                .inner
+                .kernel
+                .store()
+                .wf_run(id)?
+                .ok_or_else(|| Error::NoRun(id.to_owned()))?;
+            if RunStatus::parse(&rec.status).is_terminal() {
+                return self.view(&rec);
+            }
+            if *self.inner.shutdown.borrow() {
+                return Err(Error::Stopped);
+            }
+            // Not ended and not driven yet (being resumed, or its driver being replaced): look again soon.
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let rec = self
-            .inner
-            .kernel
-            .store()
-            .wf_run(id)?
-            .ok_or_else(|| Error::NoRun(id.to_owned()))?;
-        if !RunStatus::parse(&rec.status).is_terminal() && self.inner.runs.lock().get(id).is_none()
-        {
-            return Err(Error::Stopped);
-        }
-        self.view(&rec)
     }
 
     /// Registers a workflow so that its `on:` triggers start runs.
@@ -843,7 +870,7 @@ impl WorkflowEngine {
         if let Some(i) = def
             .inputs
             .iter()
-            .find(|i| i.default.is_none() && i.name != "event")
+            .find(|i| i.default.is_none() && (i.name != "event" || !def.on.cron.is_empty()))
         {
             return Err(Error::Inputs(format!(
                 "a triggered workflow starts without inputs, so input {} needs a default",
@@ -998,6 +1025,40 @@ fn collect_steps(def: &Workflow, refs: Vec<(String, Option<String>)>) -> Option<
     Some(out)
 }
 
+/// Sends a unit's result; if dropped unsent (the task panicked or was aborted), sends a failure instead.
+struct DoneGuard {
+    tx: mpsc::UnboundedSender<UnitDone>,
+    step: usize,
+    index: u32,
+    attempt: u32,
+    sent: bool,
+}
+
+impl DoneGuard {
+    fn send(&mut self, result: Result<steps::Outcome, String>) {
+        self.sent = true;
+        let _ = self.tx.send(UnitDone {
+            step: self.step,
+            index: self.index,
+            attempt: self.attempt,
+            result,
+        });
+    }
+}
+
+impl Drop for DoneGuard {
+    fn drop(&mut self) {
+        if !self.sent {
+            let what = if std::thread::panicking() {
+                "the step failed inside noa (a panic); see the daemon's log"
+            } else {
+                "the step was stopped"
+            };
+            self.send(Err(what.to_owned()));
+        }
+    }
+}
+
 struct UnitDone {
     step: usize,
     index: u32,
@@ -1035,7 +1096,12 @@ struct Driver {
     out_refs: Option<Vec<usize>>,
     output_cache: HashMap<String, Arc<String>>,
     committed_status: Option<RunStatus>,
+    /// Publishes committed events on the bus, in order, each batch only once it is durable.
+    publisher: mpsc::UnboundedSender<(Option<Durable>, Vec<RunEvent>)>,
 }
+
+/// Says when a batch of events appended without waiting is durable.
+type Durable = oneshot::Receiver<noa_store::Result<usize>>;
 
 /// What a unit index means for a step: `None` for a plain step.
 fn unit_index(step: &Step, u: u32) -> Option<u32> {
@@ -1144,16 +1210,15 @@ impl Driver {
                 )
                 .await?;
             self.committed_status = Some(self.state.status);
+            let _ = self.publisher.send((None, events));
         } else {
-            store.wf_append_nowait(&self.id, events.clone());
+            let durable = store.wf_append_deferred(&self.id, events.clone());
+            let _ = self.publisher.send((Some(durable), events));
         }
         self.durable = false;
         // The working folder goes before anyone hears that the run ended.
         if self.state.status.is_terminal() {
             let _ = std::fs::remove_dir_all(self.inner.opts.work_dir.join(&self.id));
-        }
-        for ev in &events {
-            publish_event(&self.inner, &self.id, ev);
         }
         for (tx, r) in self.replies.drain(..) {
             let _ = tx.send(r);
@@ -1174,13 +1239,7 @@ impl Driver {
             match &step.kind {
                 StepKind::Approval { .. } => {
                     if let Some(by) = st.approved_by.clone() {
-                        self.finish_step(
-                            i,
-                            StepStatus::Succeeded,
-                            Some(Output::Text(by)),
-                            None,
-                            Map::new(),
-                        );
+                        self.finish_with_outputs(i, Output::Text(by), Vec::new());
                     }
                 }
                 StepKind::Sleep { duration } => {
@@ -1199,12 +1258,13 @@ impl Driver {
                     let units: Vec<u32> = match (&st.items, &step.loop_spec) {
                         (Some(items), _) => (0..items.len() as u32).collect(),
                         (None, Some(_)) => {
-                            let last = st.units.keys().max().copied().unwrap_or(1);
-                            vec![if st.units.get(&last).is_some_and(|u| u.done.is_some()) {
-                                last + 1
-                            } else {
-                                last
-                            }]
+                            // Iterations run in order: resume at the first one not done (units from before
+                            // a `retry` are kept, cleared, for their attempt numbers).
+                            let mut k = 1;
+                            while st.units.get(&k).is_some_and(|u| u.done.is_some()) {
+                                k += 1;
+                            }
+                            vec![k]
                         }
                         _ => vec![0],
                     };
@@ -1473,9 +1533,25 @@ impl Driver {
                 | StepKind::Llm { .. }
                 | StepKind::Publish { .. }
         );
+        let subscription = match &step.kind {
+            StepKind::WaitFor { subject, .. } => Some(
+                subject
+                    .render(&scope)
+                    .map_err(|e| format!("wait_for: {e}"))
+                    .and_then(|subject| {
+                        self.inner
+                            .kernel
+                            .subscribe(&self.principal, &subject, 16)
+                            .map_err(|e| e.to_string())
+                    }),
+            ),
+            _ => None,
+        };
         let ctx = UnitCtx {
             engine: self.inner.clone(),
             run_id: self.id.clone(),
+            step_pos: i,
+            subscription: parking_lot::Mutex::new(subscription),
             step: step.clone(),
             index,
             attempt,
@@ -1498,6 +1574,14 @@ impl Driver {
             )
         });
         let handle = tokio::spawn(async move {
+            // Whatever happens to this task (a panic in a step included), the driver hears that the unit ended.
+            let mut guard = DoneGuard {
+                tx: done,
+                step: i,
+                index: u,
+                attempt,
+                sent: false,
+            };
             let _permit = if needs_slot {
                 slots.acquire_owned().await.ok()
             } else {
@@ -1511,12 +1595,7 @@ impl Driver {
                 },
                 None => work.await,
             };
-            let _ = done.send(UnitDone {
-                step: i,
-                index: u,
-                attempt,
-                result,
-            });
+            guard.send(result);
         });
         self.tasks.insert((i, u), handle.abort_handle());
     }
@@ -1637,13 +1716,28 @@ impl Driver {
                 failed.push((u, err.unwrap_or_default()));
             }
         }
-        let output = Some(Output::Text(Value::Array(outputs).to_string()));
+        let text = Value::Array(outputs).to_string();
+        if text.len() > self.inner.opts.output_limit {
+            let error = format!(
+                "the outputs of the {n} items together are {} bytes, more than workflow.max_output ({})",
+                text.len(),
+                self.inner.opts.output_limit
+            );
+            self.finish_step(i, StepStatus::Failed, None, Some(error), Map::new());
+            return;
+        }
         if failed.is_empty() {
-            self.finish_step(i, StepStatus::Succeeded, output, None, Map::new());
+            self.finish_with_outputs(i, Output::Text(text), Vec::new());
         } else {
             let (u, first) = &failed[0];
             let error = format!("{} of {n} items failed; item {u}: {first}", failed.len());
-            self.finish_step(i, StepStatus::Failed, output, Some(error), Map::new());
+            self.finish_step(
+                i,
+                StepStatus::Failed,
+                Some(Output::Text(text)),
+                Some(error),
+                Map::new(),
+            );
         }
     }
 
@@ -1826,13 +1920,7 @@ impl Driver {
                         "ok",
                         json!({ "run": self.id, "step": step, "comment": comment }),
                     ));
-                    self.finish_step(
-                        i,
-                        StepStatus::Succeeded,
-                        Some(Output::Text(by)),
-                        None,
-                        Map::new(),
-                    );
+                    self.finish_with_outputs(i, Output::Text(by), Vec::new());
                     Ok(())
                 }
                 Some(i) => Err(format!(
@@ -1859,13 +1947,7 @@ impl Driver {
                 }
                 Timer::Sleep(i) => {
                     if !self.state.steps[i].status.is_terminal() {
-                        self.finish_step(
-                            i,
-                            StepStatus::Succeeded,
-                            Some(Output::Text(String::new())),
-                            None,
-                            Map::new(),
-                        );
+                        self.finish_with_outputs(i, Output::Text(String::new()), Vec::new());
                     }
                 }
             }

@@ -166,7 +166,12 @@ struct P<'a> {
     toks: &'a [(usize, Tok)],
     i: usize,
     end: usize,
+    /// How deeply the parser has recursed: bounded, so no expression can exhaust the stack.
+    depth: usize,
 }
+
+/// The deepest nesting of parentheses, `!`, indexes and calls an expression may have.
+const MAX_DEPTH: usize = 64;
 
 impl P<'_> {
     fn peek(&self) -> Option<&Tok> {
@@ -197,6 +202,15 @@ impl P<'_> {
         }
     }
     fn or(&mut self) -> Result<Expr, ExprError> {
+        self.depth += 1;
+        if self.depth > MAX_DEPTH {
+            return self.err(format!("the expression nests more than {MAX_DEPTH} deep"));
+        }
+        let r = self.or_inner();
+        self.depth -= 1;
+        r
+    }
+    fn or_inner(&mut self) -> Result<Expr, ExprError> {
         let mut l = self.and()?;
         while self.eat("||") {
             l = Expr::Bin(Op::Or, Box::new(l), Box::new(self.and()?));
@@ -226,7 +240,13 @@ impl P<'_> {
     }
     fn unary(&mut self) -> Result<Expr, ExprError> {
         if self.eat("!") {
-            return Ok(Expr::Not(Box::new(self.unary()?)));
+            self.depth += 1;
+            if self.depth > MAX_DEPTH {
+                return self.err(format!("the expression nests more than {MAX_DEPTH} deep"));
+            }
+            let inner = self.unary();
+            self.depth -= 1;
+            return Ok(Expr::Not(Box::new(inner?)));
         }
         let mut e = self.primary()?;
         loop {
@@ -336,6 +356,7 @@ impl Expr {
             toks: &toks,
             i: 0,
             end: src.len(),
+            depth: 0,
         };
         let e = p.or()?;
         if p.i < toks.len() {
@@ -666,6 +687,27 @@ mod tests {
             (e.offset, e.message.as_str()),
             (9, "unexpected character '+'")
         );
+    }
+
+    #[test]
+    fn deep_nesting_is_an_error_not_a_crash() {
+        let deep = format!("{}x{}", "(".repeat(10_000), ")".repeat(10_000));
+        assert!(
+            Expr::parse(&deep)
+                .unwrap_err()
+                .message
+                .contains("nests more than 64")
+        );
+        let nots = format!("{}x", "!".repeat(100_000));
+        assert!(
+            Expr::parse(&nots)
+                .unwrap_err()
+                .message
+                .contains("nests more than 64")
+        );
+        let index = format!("x{}", "[x".repeat(10_000));
+        assert!(Expr::parse(&index).is_err());
+        assert!(Expr::parse(&format!("{}x{}", "(".repeat(60), ")".repeat(60))).is_ok());
     }
 
     #[test]

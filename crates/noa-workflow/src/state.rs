@@ -322,7 +322,12 @@ impl RunState {
                     .unwrap_or_default();
                 st.error = d.get("error").and_then(Value::as_str).map(str::to_owned);
                 st.finished_ms = Some(ts);
+                let status = st.status;
                 for u in st.units.values_mut() {
+                    // The unit whose result ended the step (a loop's last iteration, a plain step's one unit).
+                    if u.in_flight && u.done.is_none() {
+                        u.done = Some((status, None, None));
+                    }
                     u.in_flight = false;
                     u.retry_at = None;
                 }

@@ -17,6 +17,8 @@ pub(crate) struct UnitCtx {
     pub engine: Arc<Inner>,
     pub run_id: String,
     pub step: Step,
+    /// The step's position in the workflow (for ids that step names cannot make ambiguous).
+    pub step_pos: usize,
     pub index: Option<u32>,
     pub attempt: u32,
     pub key: String,
@@ -24,6 +26,30 @@ pub(crate) struct UnitCtx {
     pub principal: Principal,
     /// VFS files of the steps this one needs (their artifacts), to put back in the working folder if missing.
     pub restore: Vec<String>,
+    /// For `wait_for`: the subscription, made when the unit was dispatched, before any sibling step could
+    /// publish what it waits for (or why it could not be made).
+    pub subscription: parking_lot::Mutex<Option<Result<noa_bus::Subscription, String>>>,
+}
+
+/// Cancels a sub-workflow run if the unit that waits for it is dropped first (timeout, cancel, shutdown).
+struct ChildGuard {
+    engine: crate::engine::WorkflowEngine,
+    id: Option<String>,
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Some(id) = self.id.take() {
+            let engine = self.engine.clone();
+            if *engine.inner().shutdown.borrow() {
+                // The node is stopping: the child resumes with its parent at the next start.
+                return;
+            }
+            tokio::spawn(async move {
+                let _ = engine.cancel(&Principal::Node, &id).await;
+            });
+        }
+    }
 }
 
 /// What a unit that succeeded leaves: its output and the VFS paths of the artifacts it kept.
@@ -175,11 +201,14 @@ async fn execute_kind(ctx: &UnitCtx, kind: StepKind) -> Result<Output, String> {
         }
         StepKind::WaitFor { subject, timeout } => {
             let subject = ctx.render(&subject, "wait_for")?;
-            let mut sub = ctx
-                .engine
-                .kernel
-                .subscribe(&ctx.principal, &subject, 16)
-                .map_err(|e| e.to_string())?;
+            let mut sub = match ctx.subscription.lock().take() {
+                Some(made) => made?,
+                None => ctx
+                    .engine
+                    .kernel
+                    .subscribe(&ctx.principal, &subject, 16)
+                    .map_err(|e| e.to_string())?,
+            };
             let wait = async {
                 sub.recv()
                     .await
@@ -223,11 +252,13 @@ async fn execute_kind(ctx: &UnitCtx, kind: StepKind) -> Result<Output, String> {
                         .map_err(|e| format!("workflow.inputs.{k}: {e}"))?,
                 );
             }
-            // The child's id follows from the attempt, so a resumed parent finds the child it started.
+            // The child's id follows from the step's position, the item and the attempt, so a resumed parent
+            // finds the child it started (and no two units can share one).
             let child_id = format!(
-                "{}-{}-{}",
+                "{}-s{}-i{}-a{}",
                 ctx.run_id,
-                ctx.label().replace('.', "-"),
+                ctx.step_pos,
+                ctx.index.unwrap_or(0),
                 ctx.attempt
             );
             let engine = crate::engine::WorkflowEngine::from_inner(ctx.engine.clone());
@@ -241,7 +272,12 @@ async fn execute_kind(ctx: &UnitCtx, kind: StepKind) -> Result<Output, String> {
                 )
                 .await
                 .map_err(|e| e.to_string())?;
+            let mut guard = ChildGuard {
+                engine: engine.clone(),
+                id: Some(child_id.clone()),
+            };
             let view = engine.wait(&child_id).await.map_err(|e| e.to_string())?;
+            guard.id = None;
             if view.status == "succeeded" {
                 Ok(Output::Text(view.outputs.to_string()))
             } else {

@@ -86,24 +86,31 @@ pub(crate) fn start(engine: WorkflowEngine) {
                     }));
                 }
             }
+            // Each schedule's next due time; after firing, the next one counts from the time that was due,
+            // so schedules due at the same moment all fire, and none fires twice for one time.
+            let start = chrono::Utc::now();
+            let mut due: Vec<(chrono::DateTime<chrono::Utc>, usize, usize)> = Vec::new();
+            for (r, (_, d, _)) in regs.iter().enumerate() {
+                for (c, (_, cron)) in d.on.cron.iter().enumerate() {
+                    if let Ok(t) = cron.find_next_occurrence(&start, false) {
+                        due.push((t, r, c));
+                    }
+                }
+            }
             loop {
                 let now = chrono::Utc::now();
-                let next = regs
+                let wait = due
                     .iter()
-                    .flat_map(|(_, d, by)| d.on.cron.iter().map(move |c| (d, by, c)))
-                    .filter_map(|(d, by, (text, cron))| {
-                        cron.find_next_occurrence(&now, false)
-                            .ok()
-                            .map(|t| (t, d, by, text))
-                    })
-                    .min_by_key(|x| x.0);
-                let wait = next
-                    .as_ref()
-                    .map(|(t, ..)| (*t - now).to_std().unwrap_or(Duration::ZERO))
+                    .map(|d| d.0)
+                    .min()
+                    .map(|t| (t - now).to_std().unwrap_or(Duration::ZERO))
                     .unwrap_or(Duration::from_secs(3600));
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {
-                        if let Some((_, def, by, text)) = next {
+                        let now = chrono::Utc::now();
+                        for slot in due.iter_mut().filter(|d| d.0 <= now) {
+                            let (_, def, by) = &regs[slot.1];
+                            let (text, cron) = &def.on.cron[slot.2];
                             let principal = principal_from_id(by);
                             let trigger = format!("cron:{text}");
                             match engine.start(&principal, def.clone(), BTreeMap::new(), &trigger).await {
@@ -112,8 +119,12 @@ pub(crate) fn start(engine: WorkflowEngine) {
                             }
                             let state = serde_json::json!({ "last_fire_ms": noa_types::now_ms() }).to_string();
                             let _ = inner.kernel.store().wf_set_registered_state(&def.name, &state).await;
-                            // Do not fire twice within the same second.
-                            tokio::time::sleep(Duration::from_millis(1000)).await;
+                            // The next time after the one just due (or after now, if the node fell behind).
+                            let from = slot.0.max(now - chrono::Duration::seconds(1));
+                            match cron.find_next_occurrence(&from, false) {
+                                Ok(t) => slot.0 = t.max(slot.0 + chrono::Duration::milliseconds(1)),
+                                Err(_) => slot.0 = now + chrono::Duration::days(3650),
+                            }
                         }
                     }
                     _ = inner.triggers_changed.notified() => break,

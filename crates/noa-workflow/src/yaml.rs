@@ -133,8 +133,27 @@ enum Frame {
     Map(Pos, usize, Vec<(Node, Node)>, Option<Node>),
 }
 
+/// Most nodes a document may expand to (aliases included): a small file cannot make a huge tree.
+const MAX_NODES: usize = 200_000;
+/// Deepest nesting of lists and mappings.
+const MAX_NESTING: usize = 128;
+
+fn count(node: &Node) -> usize {
+    match &node.kind {
+        Kind::Scalar { .. } => 1,
+        Kind::Seq(items) => 1 + items.iter().map(count).sum::<usize>(),
+        Kind::Map(pairs) => {
+            1 + pairs
+                .iter()
+                .map(|(k, v)| count(k) + count(v))
+                .sum::<usize>()
+        }
+    }
+}
+
 #[derive(Default)]
 struct Builder {
+    nodes: usize,
     stack: Vec<Frame>,
     root: Option<Node>,
     anchors: HashMap<usize, Node>,
@@ -183,6 +202,28 @@ impl Builder {
 impl MarkedEventReceiver for Builder {
     fn on_event(&mut self, ev: Event, mark: Marker) {
         let pos = Pos::of(mark);
+        if self.error.is_some() {
+            return;
+        }
+        if self.nodes > MAX_NODES {
+            self.error = Some(SyntaxError {
+                pos,
+                message: format!(
+                    "the document expands to more than {MAX_NODES} nodes (through aliases?)"
+                ),
+            });
+            return;
+        }
+        if matches!(ev, Event::SequenceStart(..) | Event::MappingStart(..))
+            && self.stack.len() >= MAX_NESTING
+        {
+            self.error = Some(SyntaxError {
+                pos,
+                message: format!("lists and mappings nest more than {MAX_NESTING} deep"),
+            });
+            return;
+        }
+        self.nodes += 1;
         match ev {
             Event::DocumentStart => {
                 self.documents += 1;
@@ -230,6 +271,10 @@ impl MarkedEventReceiver for Builder {
             }
             Event::Alias(id) => match self.anchors.get(&id).cloned() {
                 Some(mut node) => {
+                    self.nodes += count(&node);
+                    if self.nodes > MAX_NODES {
+                        return;
+                    }
                     node.pos = pos;
                     self.push(node, 0);
                 }
@@ -288,6 +333,30 @@ mod tests {
         let v = n.to_json();
         assert_eq!(v["a"], serde_json::json!([1, "2", true, null, 1.5, "hi"]));
         assert_eq!(v["a"], v["b"]);
+    }
+
+    #[test]
+    fn alias_bombs_and_deep_nesting_are_errors() {
+        let mut bomb = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
+        for i in 1..12 {
+            bomb.push_str(&format!("a{i}: &a{i} [*a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}]\n", p = i - 1));
+        }
+        let e = parse(&bomb).unwrap_err();
+        assert!(
+            e.message.contains("more than 200000 nodes"),
+            "{}",
+            e.message
+        );
+        let deep = format!("{}x{}", "[".repeat(10_000), "]".repeat(10_000));
+        let e = parse(&deep).unwrap_err();
+        // yaml-rust2 stops even earlier, with its own recursion limit; either way it is an error, not a crash.
+        assert!(
+            e.message.contains("nest more than 128") || e.message.contains("recursion limit"),
+            "{}",
+            e.message
+        );
+        let deep = format!("{}x{}", "[".repeat(200), "]".repeat(200));
+        assert!(parse(&deep).is_err());
     }
 
     #[test]
