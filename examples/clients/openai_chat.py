@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 # Run: NOA_TOKEN=$(cat ~/.local/share/noa/admin.token) python3 examples/clients/openai_chat.py [base_url]
-# The official OpenAI Python client, unchanged, against NOA's OpenAI-compatible API: a whole answer, then a stream.
+# The official OpenAI Python client, unchanged, against NOA's OpenAI-compatible API: a whole answer, a stream,
+# embeddings (the client asks for base64 by default), and an error.
 import os
 import sys
 
@@ -32,6 +33,8 @@ for chunk in stream:
         sys.stdout.write(chunk.choices[0].delta.content)
 print()
 print("pieces", pieces)
+emb = client.embeddings.create(model="smollm2", input=["a cat sat on the mat", "the stock market fell"])
+print("embeddings", len(emb.data), len(emb.data[0].embedding), emb.usage.prompt_tokens)
 try:
     client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
 except Exception as e:  # openai.NotFoundError

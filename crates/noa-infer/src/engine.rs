@@ -118,6 +118,18 @@ enum Job {
         /// The model's count of requests queued or running; the worker lowers it when this one ends.
         in_flight: Arc<std::sync::atomic::AtomicUsize>,
     },
+    Embed {
+        inputs: Vec<String>,
+        reply: tokio::sync::oneshot::Sender<std::result::Result<Embeddings, String>>,
+        in_flight: Arc<std::sync::atomic::AtomicUsize>,
+    },
+}
+
+/// Embedding vectors (L2-normalized, one per input, in order) and the tokens they took.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Embeddings {
+    pub vectors: Vec<Vec<f32>>,
+    pub prompt_tokens: u32,
 }
 
 struct Loaded {
@@ -433,6 +445,51 @@ impl Engine {
         Ok(rx)
     }
 
+    /// Embeds each input with `model` (mean of the last hidden states over the input's tokens, L2-normalized).
+    pub async fn embed(&self, model: &str, inputs: Vec<String>) -> Result<Embeddings> {
+        if inputs.is_empty() {
+            return Err(Error::BadRequest(
+                "input: at least one text is needed".into(),
+            ));
+        }
+        if let Some(i) = inputs.iter().position(String::is_empty) {
+            return Err(Error::BadRequest(format!("input[{i}] is empty")));
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        {
+            let mut loaded = self.lock();
+            self.ensure_locked(&mut loaded, model)?;
+            let l = loaded
+                .get_mut(model)
+                .ok_or_else(|| Error::Engine("lost a loading model".into()))?;
+            l.last_used = Instant::now();
+            let counter = l.in_flight.clone();
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if l.jobs
+                .send(Job::Embed {
+                    inputs,
+                    reply: tx,
+                    in_flight: counter.clone(),
+                })
+                .is_err()
+            {
+                counter.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                loaded.remove(model);
+                return Err(Error::Engine(format!(
+                    "the worker of {model} has stopped; try again"
+                )));
+            }
+        }
+        match rx.await {
+            Ok(Ok(e)) => Ok(e),
+            Ok(Err(e)) => match e.strip_prefix("CONTEXT ") {
+                Some(m) => Err(Error::BadRequest(m.to_owned())),
+                None => Err(Error::Generate(e)),
+            },
+            Err(_) => Err(Error::Engine("the model stopped without answering".into())),
+        }
+    }
+
     /// Runs a chat to the end and returns the whole text.
     pub async fn chat_text(
         &self,
@@ -528,6 +585,9 @@ fn worker(
         }
     };
     let template = model.chat_template(None).ok();
+    // Embeddings need a context of their own (pooled outputs); made on the first embedding request.
+    let embed_ctx_len = n_ctx.min(2048);
+    let mut embed_ctx: Option<llama_cpp_2::context::LlamaContext<'_>> = None;
     let _ = ready.set(Ok(()));
     tracing::info!(model = %info.name, n_ctx, threads, "Model loaded.");
     // The worker ends when the manager drops its sender (unload, eviction, shutdown).
@@ -700,6 +760,70 @@ fn worker(
                     Ok(u) => Event::Done(u),
                     Err(e) => Event::Error(e),
                 });
+                in_flight.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            Job::Embed {
+                inputs,
+                reply,
+                in_flight,
+            } => {
+                let result = (|| -> std::result::Result<Embeddings, String> {
+                    if embed_ctx.is_none() {
+                        let params = LlamaContextParams::default()
+                            .with_n_ctx(NonZeroU32::new(embed_ctx_len))
+                            .with_n_batch(embed_ctx_len)
+                            .with_n_ubatch(embed_ctx_len)
+                            .with_n_threads(threads)
+                            .with_n_threads_batch(threads)
+                            .with_embeddings(true)
+                            .with_pooling_type(
+                                llama_cpp_2::context::params::LlamaPoolingType::Mean,
+                            );
+                        embed_ctx = Some(
+                            model
+                                .new_context(backend, params)
+                                .map_err(|e| format!("cannot create an embedding context: {e}"))?,
+                        );
+                    }
+                    let Some(ectx) = embed_ctx.as_mut() else {
+                        return Err("no embedding context".into());
+                    };
+                    let mut vectors = Vec::with_capacity(inputs.len());
+                    let mut prompt_tokens = 0u32;
+                    for (i, text) in inputs.iter().enumerate() {
+                        let tokens = model.vocab().tokenize(text.as_bytes(), true, false);
+                        if tokens.len() as u32 > embed_ctx_len {
+                            return Err(format!(
+                                "CONTEXT input[{i}] is {} tokens; embeddings take at most {embed_ctx_len}",
+                                tokens.len()
+                            ));
+                        }
+                        prompt_tokens += tokens.len() as u32;
+                        ectx.clear_kv_cache();
+                        let mut batch = LlamaBatch::new(tokens.len().max(1), 1);
+                        for (j, t) in tokens.iter().enumerate() {
+                            batch
+                                .add(*t, j as i32, &[0], true)
+                                .map_err(|e| e.to_string())?;
+                        }
+                        ectx.decode(&mut batch)
+                            .map_err(|e| format!("decode failed: {e}"))?;
+                        let v = ectx
+                            .embeddings_seq_ith(0)
+                            .map_err(|e| format!("no embedding: {e}"))?;
+                        let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+                        vectors.push(if norm > 0.0 {
+                            v.iter().map(|x| x / norm).collect()
+                        } else {
+                            v.to_vec()
+                        });
+                    }
+                    Ok(Embeddings {
+                        vectors,
+                        prompt_tokens,
+                    })
+                })();
+                let _ = reply.send(result);
                 in_flight.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
             }
         }

@@ -11,7 +11,8 @@ pub mod grammar;
 pub mod models;
 
 pub use engine::{
-    ChatMessage, Engine, EngineOptions, Event, GenerateParams, LoadedInfo, Usage, backend,
+    ChatMessage, Embeddings, Engine, EngineOptions, Event, GenerateParams, LoadedInfo, Usage,
+    backend,
 };
 pub use error::{Error, Result};
 pub use models::{CATALOG, ModelInfo, ModelStore};

@@ -96,6 +96,68 @@ fn parse(v: &Value) -> Result<(String, Vec<ChatMessage>, GenerateParams), String
     Ok((model, messages, params))
 }
 
+/// The subject embeddings are answered on: `{"model"?, "input": "text" | ["text", ...]}` →
+/// `{"model", "embeddings": [[f32, ...], ...], "usage": {"prompt_tokens"}}`.
+pub const EMBED_SUBJECT: &str = "ai.embed";
+
+fn parse_embed(v: &Value) -> Result<(String, Vec<String>), String> {
+    let model = match v.get("model") {
+        Some(m) => m.as_str().ok_or("model must be a string")?.to_owned(),
+        None => DEFAULT_MODEL.to_owned(),
+    };
+    let inputs = match v.get("input") {
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|x| {
+                x.as_str()
+                    .map(str::to_owned)
+                    .ok_or("input must hold only strings")
+            })
+            .collect::<Result<_, _>>()?,
+        _ => return Err("input must be a string or a list of strings".into()),
+    };
+    Ok((model, inputs))
+}
+
+/// Answers `ai.embed` until the bus closes.
+pub fn serve_embeddings(bus: Bus, engine: Engine) -> Result<(), noa_bus::Error> {
+    let mut sub = bus.subscribe(EMBED_SUBJECT, Some("ai"), 256)?;
+    tokio::spawn(async move {
+        while let Some(msg) = sub.recv().await {
+            let Some(reply) = msg.reply.clone() else {
+                continue;
+            };
+            let bus = bus.clone();
+            let engine = engine.clone();
+            tokio::spawn(async move {
+                let request: Result<Value, String> = serde_json::from_slice(&msg.payload)
+                    .map_err(|e| format!("the request is not JSON: {e}"));
+                let outcome = match request.and_then(|v| parse_embed(&v)) {
+                    Err(e) => Err(e),
+                    Ok((model, inputs)) => engine
+                        .embed(&model, inputs)
+                        .await
+                        .map(|e| json!({ "model": model, "embeddings": e.vectors, "usage": { "prompt_tokens": e.prompt_tokens } }))
+                        .map_err(|e| e.to_string()),
+                };
+                let answer = match outcome {
+                    Ok(v) => Message::new(reply, v.to_string()),
+                    Err(e) => {
+                        let m = Message::new(reply, json!({ "error": e }).to_string());
+                        let header = e.replace(['\r', '\n'], " ");
+                        m.clone()
+                            .with_headers([("noa-error".to_string(), header)].into())
+                            .unwrap_or(m)
+                    }
+                };
+                let _ = bus.publish(answer);
+            });
+        }
+    });
+    Ok(())
+}
+
 /// Answers `ai.infer` until the bus closes.
 pub fn serve(bus: Bus, engine: Engine) -> Result<(), noa_bus::Error> {
     let mut sub = bus.subscribe(SUBJECT, Some("ai"), 256)?;

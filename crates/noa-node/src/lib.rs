@@ -279,6 +279,10 @@ impl Node {
             path: dir.clone(),
             message: format!("cannot serve {}: {e}", ai::SUBJECT),
         })?;
+        ai::serve_embeddings(kernel.bus().clone(), engine.clone()).map_err(|e| Error::DataDir {
+            path: dir.clone(),
+            message: format!("cannot serve {}: {e}", ai::EMBED_SUBJECT),
+        })?;
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let workflows = noa_workflow::WorkflowEngine::new(
             kernel.clone(),

@@ -238,6 +238,12 @@ fn agents_may_ask_the_models() {
     let p = Policy::default_policy();
     p.authorize(&agent("bot"), Action::Request, &subj("ai.infer"), false)
         .unwrap();
+    p.authorize(&agent("bot"), Action::Request, &subj("ai.embed"), false)
+        .unwrap();
+    assert!(
+        p.authorize(&agent("bot"), Action::Publish, &subj("ai.embed"), false)
+            .is_err()
+    );
     assert!(
         p.authorize(&agent("bot"), Action::Subscribe, &subj("ai.infer"), false)
             .is_err()

@@ -243,6 +243,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/models", get(openai::models))
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/completions", post(openai::completions))
+        .route("/v1/embeddings", post(openai::embeddings))
         .route("/api/v1/workflows/validate", post(workflows::validate))
         .route(
             "/api/v1/workflows/runs",

@@ -40,6 +40,12 @@ impl HttpMetrics {
             .store((u.tokens_per_second * 1000.0) as u64, Ordering::Relaxed);
     }
 
+    /// Records the tokens of an embedding request of `principal` (prompt tokens only).
+    pub fn record_embedding(&self, principal: &str, prompt_tokens: u32) {
+        let mut t = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
+        t.entry(principal.to_owned()).or_default().0 += prompt_tokens as u64;
+    }
+
     pub fn total(&self) -> u64 {
         self.by_class
             .iter()

@@ -556,6 +556,107 @@ fn generation_error(e: String) -> OpenAiError {
     }
 }
 
+/// `POST /v1/embeddings`: `input` is a text or a list of texts; `encoding_format` `float` (default) or `base64`
+/// (little-endian f32, as the official clients ask for).
+#[derive(Debug, Deserialize)]
+pub struct EmbeddingRequest {
+    model: String,
+    input: Value,
+    #[serde(default)]
+    encoding_format: Option<String>,
+    #[serde(default)]
+    dimensions: Option<u64>,
+    /// OpenAI's end-user id; accepted and not used.
+    #[serde(default)]
+    #[allow(dead_code)]
+    user: Option<String>,
+}
+
+pub async fn embeddings(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    body: Result<Json<EmbeddingRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, OpenAiError> {
+    let Json(req) = body.map_err(|e| OpenAiError::bad(None, e.body_text()))?;
+    state.kernel.authorize(
+        &p,
+        Action::Request,
+        &Resource::Subject("ai.infer".into()),
+        false,
+    )?;
+    let inputs: Vec<String> = match &req.input {
+        Value::String(s) => vec![s.clone()],
+        Value::Array(items) if !items.is_empty() && items.iter().all(Value::is_string) => items
+            .iter()
+            .map(|v| v.as_str().unwrap_or_default().to_owned())
+            .collect(),
+        Value::Array(items) if items.iter().any(|v| v.is_number() || v.is_array()) => {
+            return Err(OpenAiError::bad(
+                Some("input"),
+                "token-id input is not supported; send the text (a string or a list of strings)",
+            ));
+        }
+        _ => {
+            return Err(OpenAiError::bad(
+                Some("input"),
+                "input must be a non-empty string or a non-empty list of strings",
+            ));
+        }
+    };
+    if inputs.len() > 2048 {
+        return Err(OpenAiError::bad(
+            Some("input"),
+            "at most 2048 inputs per request",
+        ));
+    }
+    let base64 = match req.encoding_format.as_deref() {
+        None | Some("float") => false,
+        Some("base64") => true,
+        Some(other) => {
+            return Err(OpenAiError::bad(
+                Some("encoding_format"),
+                format!("encoding_format {other:?} is not float or base64"),
+            ));
+        }
+    };
+    let out = engine(&state)?.embed(&req.model, inputs).await?;
+    let dim = out.vectors.first().map(Vec::len).unwrap_or(0) as u64;
+    if let Some(d) = req.dimensions
+        && d != dim
+    {
+        return Err(OpenAiError::bad(
+            Some("dimensions"),
+            format!(
+                "{} gives {dim}-dimensional embeddings; it cannot give {d}",
+                req.model
+            ),
+        ));
+    }
+    state.http.record_embedding(&p.id(), out.prompt_tokens);
+    let data: Vec<Value> = out
+        .vectors
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let embedding = if base64 {
+                use base64::Engine as _;
+                let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                Value::String(base64::engine::general_purpose::STANDARD.encode(bytes))
+            } else {
+                json!(v)
+            };
+            json!({ "object": "embedding", "index": i, "embedding": embedding })
+        })
+        .collect();
+    Ok(Json(json!({
+        "object": "list",
+        "data": data,
+        "model": req.model,
+        "usage": { "prompt_tokens": out.prompt_tokens, "total_tokens": out.prompt_tokens },
+    }))
+    .into_response())
+}
+
 // ----- the model manager's REST -----
 
 pub async fn installed(

@@ -347,6 +347,13 @@ pub const ROUTES: &[(&str, &str, &str, bool, &str)] = &[
         true,
         "Any",
     ),
+    (
+        "post",
+        "/v1/embeddings",
+        "OpenAI-compatible embeddings of a text or a list of texts (mean-pooled, L2-normalized; float or base64).",
+        true,
+        "Any",
+    ),
     ("get", "/api/v1/openapi.json", "This document.", true, "Any"),
     ("get", "/metrics", "Prometheus metrics.", true, "Any"),
 ];

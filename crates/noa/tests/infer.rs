@@ -306,6 +306,115 @@ fn the_official_openai_client_works_unchanged() {
         .unwrap_or(0);
     assert!(pieces > 3, "{text}");
     assert!(text.contains("error NotFoundError 404"), "{text}");
+    assert!(text.contains("embeddings 2 576 "), "{text}");
+}
+
+/// `/v1/embeddings`: one vector per input, in order, normalized, deterministic; base64 carries the same
+/// floats; bad requests get OpenAI-shaped errors.
+#[test]
+fn embeddings_from_the_bundled_model() {
+    let d = daemon();
+    let inputs = json!([
+        "a cat sat on the mat",
+        "a cat sat on a mat",
+        "quarterly tax filing deadlines"
+    ]);
+    let (s, v) = post(
+        &d,
+        "/v1/embeddings",
+        &json!({"model": "smollm2", "input": inputs}),
+    );
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["object"], "list");
+    let vecs: Vec<Vec<f64>> = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            assert_eq!(e["index"], i);
+            e["embedding"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect()
+        })
+        .collect();
+    assert_eq!(vecs.len(), 3);
+    assert_eq!(vecs[0].len(), 576, "SmolLM2-135M has 576 dimensions");
+    let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
+    for v in &vecs {
+        assert!((dot(v, v) - 1.0).abs() < 1e-3);
+    }
+    // Near-identical sentences are closer than unrelated ones.
+    assert!(
+        dot(&vecs[0], &vecs[1]) > dot(&vecs[0], &vecs[2]),
+        "{} vs {}",
+        dot(&vecs[0], &vecs[1]),
+        dot(&vecs[0], &vecs[2])
+    );
+    assert!(v["usage"]["prompt_tokens"].as_u64().unwrap() > 10);
+    // The same text gives the same vector, and base64 carries the same little-endian floats.
+    let (_, one) = post(
+        &d,
+        "/v1/embeddings",
+        &json!({"model": "smollm2", "input": "a cat sat on the mat", "encoding_format": "base64"}),
+    );
+    use base64::Engine as _;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(one["data"][0]["embedding"].as_str().unwrap())
+        .unwrap();
+    let floats: Vec<f64> = bytes
+        .chunks(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64)
+        .collect();
+    assert_eq!(floats.len(), 576);
+    assert!(
+        floats
+            .iter()
+            .zip(&vecs[0])
+            .all(|(a, b)| (a - b).abs() < 1e-5)
+    );
+    // The same engine on the bus, for agents and workflows.
+    let out = d.ok(&[
+        "req",
+        "ai.embed",
+        r#"{"input":["hello"]}"#,
+        "--timeout",
+        "60s",
+    ]);
+    let v: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["embeddings"][0].as_array().unwrap().len(), 576, "{v}");
+    for (body, status, param) in [
+        (json!({"model": "smollm2", "input": ""}), 400, "null"),
+        (json!({"model": "smollm2", "input": []}), 400, "\"input\""),
+        (
+            json!({"model": "smollm2", "input": [1, 2, 3]}),
+            400,
+            "\"input\"",
+        ),
+        (
+            json!({"model": "smollm2", "input": "x", "dimensions": 8}),
+            400,
+            "\"dimensions\"",
+        ),
+        (
+            json!({"model": "smollm2", "input": "x", "encoding_format": "int8"}),
+            400,
+            "\"encoding_format\"",
+        ),
+        (json!({"model": "nope", "input": "x"}), 404, "\"model\""),
+    ] {
+        let (s, e) = post(&d, "/v1/embeddings", &body);
+        assert_eq!(s, status, "{body} → {e}");
+        assert_eq!(e["error"]["param"].to_string(), param, "{body} → {e}");
+        assert!(
+            e["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty())
+        );
+    }
 }
 
 /// The triage example as a new user runs it: an `llm` step answered by the bundled model through the bus,
