@@ -35,6 +35,18 @@ print()
 print("pieces", pieces)
 emb = client.embeddings.create(model="smollm2", input=["a cat sat on the mat", "the stock market fell"])
 print("embeddings", len(emb.data), len(emb.data[0].embedding), emb.usage.prompt_tokens)
+call = client.chat.completions.create(
+    model="smollm2",
+    messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+    tools=[{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city.",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}],
+    tool_choice="required",
+    parallel_tool_calls=False,
+    max_tokens=96,
+    temperature=0,
+)
+fn = call.choices[0].message.tool_calls[0].function
+print("tool", fn.name, sorted(__import__("json").loads(fn.arguments)))
 try:
     client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
 except Exception as e:  # openai.NotFoundError

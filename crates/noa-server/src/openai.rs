@@ -13,6 +13,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 /// An error in OpenAI's shape: `{"error":{"message","type","param","code"}}`.
+#[derive(Debug)]
 pub struct OpenAiError {
     status: StatusCode,
     kind: &'static str,
@@ -146,6 +147,9 @@ struct Message {
     role: String,
     #[serde(default)]
     content: Option<Content>,
+    /// An assistant message's earlier tool calls (OpenAI shape).
+    #[serde(default)]
+    tool_calls: Option<Vec<Value>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -170,6 +174,15 @@ pub struct ChatRequest {
     stream: bool,
     #[serde(default)]
     stream_options: Option<StreamOptions>,
+    /// Functions the model may call: `[{"type": "function", "function": {"name", "description", "parameters"}}]`.
+    #[serde(default)]
+    tools: Option<Vec<Value>>,
+    /// `"auto"` (default), `"none"`, `"required"`, or `{"type": "function", "function": {"name"}}`.
+    #[serde(default)]
+    tool_choice: Option<Value>,
+    /// `false`: at most one call per answer.
+    #[serde(default)]
+    parallel_tool_calls: Option<bool>,
     #[serde(flatten)]
     sampling: Sampling,
 }
@@ -339,6 +352,23 @@ fn messages(r: &ChatRequest) -> Result<Vec<ChatMessage>, OpenAiError> {
             } else {
                 m.role.clone()
             };
+            // Earlier tool calls are shown to the model in the form it is asked to write them in.
+            let content = match &m.tool_calls {
+                Some(calls) if !calls.is_empty() => {
+                    let calls: Vec<Value> = calls
+                        .iter()
+                        .map(|c| {
+                            let args = c["function"]["arguments"]
+                                .as_str()
+                                .and_then(|a| serde_json::from_str::<Value>(a).ok())
+                                .unwrap_or(json!({}));
+                            json!({ "name": c["function"]["name"], "arguments": args })
+                        })
+                        .collect();
+                    json!({ "tool_calls": calls }).to_string()
+                }
+                _ => content,
+            };
             Ok(ChatMessage { role, content })
         })
         .collect()
@@ -465,10 +495,35 @@ pub async fn chat_completions(
         &Resource::Subject("ai.infer".into()),
         false,
     )?;
-    let params = params(&req.sampling)?;
-    let msgs = messages(&req)?;
-    let rx = engine(&state)?.chat(&req.model, msgs, params)?;
+    let mut params = params(&req.sampling)?;
+    let mut msgs = messages(&req)?;
+    let tools = tool_mode(&req)?;
     let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
+    if let Some(tools) = tools {
+        if params.grammar.is_some() {
+            return Err(OpenAiError::bad(
+                Some("tools"),
+                "tools cannot be combined with response_format or grammar",
+            ));
+        }
+        params.grammar = Some(tools.grammar.clone());
+        let instructions = tools.instructions();
+        match msgs.first_mut() {
+            Some(m) if m.role == "system" => {
+                m.content = format!("{}\n\n{instructions}", m.content);
+            }
+            _ => msgs.insert(
+                0,
+                ChatMessage {
+                    role: "system".into(),
+                    content: instructions,
+                },
+            ),
+        }
+        let rx = engine(&state)?.chat(&req.model, msgs, params)?;
+        return respond_tools(&state, p.id(), req.model, rx, req.stream, include_usage).await;
+    }
+    let rx = engine(&state)?.chat(&req.model, msgs, params)?;
     respond(
         &state,
         p.id(),
@@ -479,6 +534,210 @@ pub async fn chat_completions(
         include_usage,
     )
     .await
+}
+
+/// The tools of a request, and the grammar that makes the model answer with a call or a message.
+struct Tools {
+    /// (name, description, parameters schema)
+    functions: Vec<(String, String, Value)>,
+    /// Whether the model must call a tool (`required` or a named function).
+    required: bool,
+    grammar: String,
+}
+
+impl Tools {
+    fn instructions(&self) -> String {
+        let mut s = String::from("You can call these tools:\n");
+        for (name, description, params) in &self.functions {
+            s.push_str(&format!(
+                "- {name}: {description} Arguments (JSON schema): {params}\n"
+            ));
+        }
+        s.push_str(
+            "To call tools, reply with only JSON: {\"tool_calls\": [{\"name\": \"<tool>\", \"arguments\": {...}}]}.",
+        );
+        if !self.required {
+            s.push_str(" To answer without a tool, reply with only JSON: {\"content\": \"<your answer>\"}.");
+        }
+        s
+    }
+}
+
+/// The tool mode of a chat request: `None` without tools or with `tool_choice: "none"`.
+fn tool_mode(req: &ChatRequest) -> Result<Option<Tools>, OpenAiError> {
+    let Some(tools) = req.tools.as_ref().filter(|t| !t.is_empty()) else {
+        return Ok(None);
+    };
+    let mut functions = Vec::new();
+    for (i, t) in tools.iter().enumerate() {
+        let at = |k: &str| format!("tools[{i}].{k}");
+        if t["type"] != "function" {
+            return Err(OpenAiError::bad(
+                Some(&at("type")),
+                "only function tools are supported",
+            ));
+        }
+        let f = &t["function"];
+        let name = f["name"].as_str().filter(|n| {
+            !n.is_empty()
+                && n.len() <= 64
+                && n.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        });
+        let Some(name) = name else {
+            return Err(OpenAiError::bad(
+                Some(&at("function.name")),
+                "a function name is 1 to 64 letters, digits, _ and -",
+            ));
+        };
+        let params = match f.get("parameters") {
+            None | Some(Value::Null) => json!({ "type": "object", "properties": {} }),
+            Some(p) if p.is_object() => p.clone(),
+            Some(_) => {
+                return Err(OpenAiError::bad(
+                    Some(&at("function.parameters")),
+                    "parameters must be a JSON schema object",
+                ));
+            }
+        };
+        functions.push((
+            name.to_owned(),
+            f["description"].as_str().unwrap_or("").to_owned(),
+            params,
+        ));
+    }
+    let (required, only) = match &req.tool_choice {
+        None => (false, None),
+        Some(Value::String(s)) => match s.as_str() {
+            "auto" => (false, None),
+            "none" => return Ok(None),
+            "required" => (true, None),
+            other => {
+                return Err(OpenAiError::bad(
+                    Some("tool_choice"),
+                    format!("tool_choice {other:?} is not auto, none or required"),
+                ));
+            }
+        },
+        Some(v) => match v["function"]["name"].as_str() {
+            Some(n) if functions.iter().any(|f| f.0 == n) => (true, Some(n.to_owned())),
+            _ => {
+                return Err(OpenAiError::bad(
+                    Some("tool_choice"),
+                    "tool_choice names a function that is not in tools",
+                ));
+            }
+        },
+    };
+    let calls: Vec<Value> = functions
+        .iter()
+        .filter(|f| only.as_ref().is_none_or(|o| *o == f.0))
+        .map(|(name, _, params)| {
+            json!({ "type": "object", "properties": { "name": { "const": name }, "arguments": params } })
+        })
+        .collect();
+    // One call's grammar from the schemas; the list around it is written here so that it holds at least one call.
+    let call = noa_infer::grammar::from_json_schema(&json!({ "oneOf": calls })).map_err(|e| {
+        OpenAiError::bad(
+            Some("tools"),
+            format!("a tool's parameters cannot be enforced: {e}"),
+        )
+    })?;
+    // Compact JSON: whitespace costs a small model tokens and invites rambling.
+    let call = call.replacen("root ::=", "call ::=", 1).replace(
+        r#"ws      ::= | " " | "\n" [ \t]{0,20}"#,
+        r#"ws      ::= | " ""#,
+    );
+    let list = if req.parallel_tool_calls == Some(false) {
+        r#""{" ws "\"tool_calls\"" ws ":" ws "[" ws call "]" ws "}" ws"#
+    } else {
+        r#""{" ws "\"tool_calls\"" ws ":" ws "[" ws call ( "," ws call )* "]" ws "}" ws"#
+    };
+    let message = r#""{" ws "\"content\"" ws ":" ws string "}" ws"#;
+    let grammar = if required {
+        format!("root ::= ws {list}\n{call}")
+    } else {
+        format!("root ::= ws ( {list} | {message} )\n{call}")
+    };
+    Ok(Some(Tools {
+        functions,
+        required,
+        grammar,
+    }))
+}
+
+/// Answers a request with tools: the whole answer is generated (under the tools grammar), then read as tool
+/// calls or a message; a stream gets it as one delta.
+async fn respond_tools(
+    state: &AppState,
+    who: String,
+    model: String,
+    mut rx: tokio::sync::mpsc::Receiver<Event>,
+    stream: bool,
+    include_usage: bool,
+) -> Result<Response, OpenAiError> {
+    let mut text = String::new();
+    let usage = loop {
+        match rx.recv().await {
+            Some(Event::Text(t)) => text.push_str(&t),
+            Some(Event::Done(u)) => break u,
+            Some(Event::Error(e)) => return Err(generation_error(e)),
+            None => {
+                return Err(generation_error(
+                    "the model stopped without finishing".into(),
+                ));
+            }
+        }
+    };
+    state.http.record_usage(&who, &usage);
+    let parsed: Option<Value> = serde_json::from_str(&text).ok();
+    let calls: Vec<Value> = parsed
+        .as_ref()
+        .and_then(|v| v["tool_calls"].as_array())
+        .into_iter()
+        .flatten()
+        .enumerate()
+        .map(|(i, c)| {
+            json!({ "index": i, "id": Kind::Chat.id().replace("chatcmpl", "call"), "type": "function",
+                    "function": { "name": c["name"], "arguments": c["arguments"].to_string() } })
+        })
+        .collect();
+    let (message, finish) = if !calls.is_empty() {
+        (
+            json!({ "role": "assistant", "content": null, "tool_calls": calls }),
+            "tool_calls".to_owned(),
+        )
+    } else {
+        let content = parsed
+            .as_ref()
+            .and_then(|v| v["content"].as_str().map(str::to_owned))
+            .unwrap_or(text);
+        (
+            json!({ "role": "assistant", "content": content }),
+            usage.finish_reason.clone(),
+        )
+    };
+    let id = Kind::Chat.id();
+    let created = noa_types::now_ms() / 1000;
+    if !stream {
+        return Ok(Json(json!({
+            "id": id, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{ "index": 0, "finish_reason": finish, "message": message }],
+            "usage": usage_json(&usage),
+        }))
+        .into_response());
+    }
+    let head = json!({ "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+        "choices": [{ "index": 0, "finish_reason": null, "delta": message }] });
+    let mut last = json!({ "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+        "choices": [{ "index": 0, "finish_reason": finish, "delta": {} }] });
+    if include_usage {
+        last["usage"] = usage_json(&usage);
+    }
+    let events = [head.to_string(), last.to_string(), "[DONE]".to_owned()]
+        .into_iter()
+        .map(|d| Ok::<_, std::convert::Infallible>(SseEvent::default().data(d)));
+    Ok(Sse::new(futures_util::stream::iter(events)).into_response())
 }
 
 /// Turns engine events into SSE events; when the client goes away the stream, and with it the receiver,
@@ -714,4 +973,30 @@ pub async fn unload(
     )?;
     let was = engine(&state)?.unload(&name);
     Ok(Json(json!({ "unloaded": was, "name": name })))
+}
+
+#[cfg(test)]
+mod tool_tests {
+    use super::*;
+
+    fn req(v: Value) -> ChatRequest {
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn the_tools_grammar_is_compact_and_holds_the_given_functions() {
+        let r = req(
+            json!({ "model": "m", "messages": [{"role": "user", "content": "x"}],
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object",
+                "properties": {"a": {"type": "integer"}}}}}], "tool_choice": "required", "parallel_tool_calls": false }),
+        );
+        let t = tool_mode(&r).unwrap().unwrap();
+        assert!(t.required);
+        assert!(!t.grammar.contains("{0,20}"), "{}", t.grammar);
+        assert!(t.grammar.contains(r#""\"f\"""#), "{}", t.grammar);
+        assert!(!t.grammar.contains("( \",\" ws call )*"), "{}", t.grammar);
+        assert!(t.instructions().contains("- f: "));
+        let none = req(json!({ "model": "m", "messages": [], "tools": [], "tool_choice": "none" }));
+        assert!(tool_mode(&none).unwrap().is_none());
+    }
 }

@@ -307,6 +307,7 @@ fn the_official_openai_client_works_unchanged() {
     assert!(pieces > 3, "{text}");
     assert!(text.contains("error NotFoundError 404"), "{text}");
     assert!(text.contains("embeddings 2 576 "), "{text}");
+    assert!(text.contains("tool get_weather ['city']"), "{text}");
 }
 
 /// `/v1/embeddings`: one vector per input, in order, normalized, deterministic; base64 carries the same
@@ -452,4 +453,110 @@ fn the_triage_workflow_runs_with_the_bundled_model() {
         post["error"].as_str().unwrap().contains("127.0.0.1:9/hook"),
         "{post:#}"
     );
+}
+
+/// `tools`: the answer is a call of one of the given functions whose arguments follow its schema (enforced by
+/// a grammar), or, with `auto`, possibly a plain message; streamed as one delta; OpenAI-shaped errors.
+#[test]
+fn tool_calls_follow_the_function_schemas() {
+    let d = daemon();
+    let tools = json!([
+        { "type": "function", "function": { "name": "get_weather", "description": "The weather in a city.",
+          "parameters": { "type": "object", "properties": { "city": { "type": "string" },
+                          "unit": { "enum": ["c", "f"] } } } } },
+        { "type": "function", "function": { "name": "get_time", "description": "The time in a timezone.",
+          "parameters": { "type": "object", "properties": { "tz": { "type": "string" } } } } },
+    ]);
+    let ask = |choice: Value, stream: bool| {
+        post(
+            &d,
+            "/v1/chat/completions",
+            &json!({ "model": "smollm2", "max_tokens": 160, "temperature": 0, "stream": stream,
+                     "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
+                     "tools": tools, "tool_choice": choice }),
+        )
+    };
+    let (s, v) = ask(json!("required"), false);
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "tool_calls", "{v}");
+    let call = &v["choices"][0]["message"]["tool_calls"][0];
+    assert_eq!(call["type"], "function");
+    assert!(call["id"].as_str().unwrap().starts_with("call-"));
+    let name = call["function"]["name"].as_str().unwrap();
+    let args: Value =
+        serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+    match name {
+        "get_weather" => {
+            assert!(args["city"].is_string(), "{args}");
+            assert!(
+                ["c", "f"].contains(&args["unit"].as_str().unwrap()),
+                "{args}"
+            );
+        }
+        "get_time" => assert!(args["tz"].is_string(), "{args}"),
+        other => panic!("not a given tool: {other}"),
+    }
+    // A named function is the one called.
+    let (_, v) = ask(
+        json!({"type": "function", "function": {"name": "get_time"}}),
+        false,
+    );
+    assert_eq!(
+        v["choices"][0]["message"]["tool_calls"][0]["function"]["name"], "get_time",
+        "{v}"
+    );
+    // `auto`: a call or a message, either well formed.
+    let (s, v) = ask(json!("auto"), false);
+    assert_eq!(s, 200, "{v}");
+    let m = &v["choices"][0]["message"];
+    assert!(
+        m["tool_calls"].is_array() || m["content"].is_string(),
+        "{v}"
+    );
+    // Streamed: the call arrives as one delta, then the finish reason and [DONE].
+    let (s, v) = ask(json!("required"), true);
+    assert_eq!(s, 200);
+    let text = v.as_str().unwrap();
+    assert!(
+        text.contains("\"tool_calls\"")
+            && text.contains("\"finish_reason\":\"tool_calls\"")
+            && text.contains("[DONE]"),
+        "{text}"
+    );
+    // A conversation that carries an earlier call and its result goes on.
+    let (s, v) = post(
+        &d,
+        "/v1/chat/completions",
+        &json!({ "model": "smollm2", "max_tokens": 32, "temperature": 0, "tools": tools,
+                 "messages": [
+                    {"role": "user", "content": "What is the weather in Paris?"},
+                    {"role": "assistant", "content": null, "tool_calls": [{"id": "call-1", "type": "function",
+                        "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}}]},
+                    {"role": "tool", "tool_call_id": "call-1", "content": "18 C and sunny"}] }),
+    );
+    assert_eq!(s, 200, "{v}");
+    for (body, param) in [
+        (json!({"tools": [{"type": "retrieval"}]}), "tools[0].type"),
+        (
+            json!({"tools": [{"type": "function", "function": {"name": "bad name"}}]}),
+            "tools[0].function.name",
+        ),
+        (
+            json!({"tools": tools, "tool_choice": {"type": "function", "function": {"name": "nope"}}}),
+            "tool_choice",
+        ),
+        (
+            json!({"tools": tools, "response_format": {"type": "json_object"}}),
+            "tools",
+        ),
+    ] {
+        let mut req =
+            json!({ "model": "smollm2", "messages": [{"role": "user", "content": "hi"}] });
+        for (k, v) in body.as_object().unwrap() {
+            req[k] = v.clone();
+        }
+        let (s, e) = post(&d, "/v1/chat/completions", &req);
+        assert_eq!(s, 400, "{req} → {e}");
+        assert_eq!(e["error"]["param"], param, "{e}");
+    }
 }
