@@ -1,5 +1,7 @@
 //! Generation speed of the engine beside llama.cpp's C API driven directly (through `llama-cpp-2`) in the same
 //! run: same model (the bundled SmolLM2-135M Q4_1), same prompt, same threads, greedy decoding, same token count.
+//! Then four concurrent streams through the engine's slots (continuous batching): their aggregate speed beside
+//! one stream's.
 //! Run: `cargo bench -p noa-infer --bench generate` (median of 5 runs; needs the wheel cached by scripts/setup.sh).
 
 use llama_cpp_2::context::params::LlamaContextParams;
@@ -92,10 +94,11 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let ask = || {
+    // A different prompt each time, so no run reuses a cached prefix of the one before.
+    let ask = |i: usize| {
         vec![ChatMessage {
             role: "user".into(),
-            content: QUESTION.into(),
+            content: format!("{QUESTION} ({i})"),
         }]
     };
     // A stop condition would end early: the penalty keeps the greedy text going, and max_tokens bounds it.
@@ -106,12 +109,12 @@ fn main() {
     };
     rt.block_on(engine.load("smollm2", true)).unwrap();
     let (mut raw_tps, mut raw_ttft, mut eng_tps, mut eng_ttft) = (vec![], vec![], vec![], vec![]);
-    for _ in 0..5 {
+    for i in 0..5 {
         let (t, s) = raw(backend, &model);
         raw_ttft.push(t);
         raw_tps.push(s);
         let (_, usage) = rt
-            .block_on(engine.chat_text("smollm2", ask(), params.clone()))
+            .block_on(engine.chat_text("smollm2", ask(i), params.clone()))
             .unwrap();
         if usage.completion_tokens == TOKENS {
             eng_tps.push(usage.tokens_per_second);
@@ -124,5 +127,32 @@ fn main() {
         e / r,
         median(eng_ttft),
         median(raw_ttft)
+    );
+    // Four streams at once: every round decodes one token of each in one batch.
+    let mut aggregate = Vec::new();
+    for round in 0..3 {
+        let started = Instant::now();
+        let tokens: u32 = rt.block_on(async {
+            let tasks: Vec<_> = (0..4)
+                .map(|k| {
+                    let engine = engine.clone();
+                    let msgs = ask(100 + round * 4 + k);
+                    let params = params.clone();
+                    tokio::spawn(async move { engine.chat_text("smollm2", msgs, params).await })
+                })
+                .collect();
+            let mut n = 0;
+            for t in tasks {
+                n += t.await.unwrap().unwrap().1.completion_tokens;
+            }
+            n
+        });
+        aggregate.push(tokens as f64 / started.elapsed().as_secs_f64());
+    }
+    let a = median(aggregate);
+    println!(
+        "4 concurrent streams, {TOKENS} tokens each: aggregate {a:.1} tokens/s (prompt processing included) vs one stream {e:.1} tokens/s: {:.2}x; vs the C API's one stream {:.2}x",
+        a / e,
+        a / r
     );
 }

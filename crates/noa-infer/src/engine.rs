@@ -16,6 +16,7 @@ use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::{LlamaChatMessage, LlamaModel};
 use llama_cpp_2::sampling::LlamaSampler;
+use llama_cpp_2::token::LlamaToken;
 use serde::Serialize;
 use std::collections::HashMap;
 use std::num::NonZeroU32;
@@ -37,6 +38,8 @@ pub struct EngineOptions {
     /// Most bytes the loaded models may take together (0: no fixed budget). Whatever the budget, a model is
     /// loaded only if the system's available memory can hold it, so loading never gets the node OOM-killed.
     pub memory_budget: u64,
+    /// Requests one model serves at once (slots, decoded together in one batch: continuous batching).
+    pub parallel: u32,
 }
 
 impl Default for EngineOptions {
@@ -47,6 +50,7 @@ impl Default for EngineOptions {
             keep_alive: Duration::from_secs(300),
             max_loaded: 2,
             memory_budget: 0,
+            parallel: 4,
         }
     }
 }
@@ -106,6 +110,8 @@ pub struct Usage {
     /// Time to first token and generation speed, for metrics.
     pub ttft_ms: f64,
     pub tokens_per_second: f64,
+    /// Prompt tokens whose keys and values were already in the slot's cache (a reused prefix).
+    pub cached_tokens: u32,
 }
 
 enum Job {
@@ -291,7 +297,14 @@ impl Engine {
             return Ok(());
         }
         let info = self.inner.store.get(name)?;
-        let need = memory_needed(info.size, self.inner.opts.context);
+        // Every slot has a context of its own length.
+        let need = memory_needed(
+            info.size,
+            self.inner
+                .opts
+                .context
+                .saturating_mul(self.inner.opts.parallel.clamp(1, 64)),
+        );
         let budget = self.inner.opts.memory_budget;
         if budget > 0 && need > budget {
             return Err(Error::Memory {
@@ -417,7 +430,8 @@ impl Engine {
         if params.max_tokens == 0 {
             return Err(Error::BadRequest("max_tokens must be at least 1".into()));
         }
-        let (tx, rx) = tmpsc::channel(64);
+        // Room for a burst: the worker never waits for a slow client while other slots generate.
+        let (tx, rx) = tmpsc::channel(1024);
         let mut loaded = self.lock();
         self.ensure_locked(&mut loaded, model)?;
         let l = loaded
@@ -538,6 +552,154 @@ fn held_back(text: &str, stops: &[String]) -> usize {
     keep
 }
 
+/// One request being served in a slot.
+struct Active {
+    events: tmpsc::Sender<Event>,
+    in_flight: Arc<std::sync::atomic::AtomicUsize>,
+    params: GenerateParams,
+    sampler: LlamaSampler,
+    prompt: Vec<LlamaToken>,
+    /// The next prompt token to feed (prompt tokens before it are in the KV cache).
+    next_prompt: usize,
+    /// The token sampled last, to feed in the next batch.
+    last_token: Option<LlamaToken>,
+    /// Where this slot's logits are in the batch just decoded.
+    batch_index: Option<i32>,
+    pending_bytes: Vec<u8>,
+    text: String,
+    sent: usize,
+    produced: u32,
+    started: Instant,
+    ttft: Option<Duration>,
+    reused: usize,
+}
+
+/// A sequence of the shared context: its cached tokens survive between requests, for prefix reuse.
+struct Slot {
+    seq: i32,
+    /// The tokens whose keys and values are in the cache for this sequence, in order.
+    cached: Vec<LlamaToken>,
+    active: Option<Active>,
+}
+
+fn common_prefix(a: &[LlamaToken], b: &[LlamaToken]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+fn prompt_text(
+    model: &LlamaModel,
+    template: Option<&llama_cpp_2::model::LlamaChatTemplate>,
+    messages: &[ChatMessage],
+    raw_prompt: Option<String>,
+) -> std::result::Result<String, String> {
+    if let Some(p) = raw_prompt {
+        return Ok(p);
+    }
+    match template {
+        Some(t) => {
+            let chat: Vec<LlamaChatMessage> = messages
+                .iter()
+                .map(|m| LlamaChatMessage::new(m.role.clone(), m.content.clone()))
+                .collect::<std::result::Result<_, _>>()
+                .map_err(|e| format!("a message holds a NUL byte: {e}"))?;
+            model
+                .apply_chat_template(t, &chat, true)
+                .map_err(|e| format!("the chat template failed: {e}"))
+        }
+        None => {
+            let mut p = String::new();
+            for m in messages {
+                p.push_str(&format!("{}: {}\n", m.role, m.content));
+            }
+            p.push_str("assistant: ");
+            Ok(p)
+        }
+    }
+}
+
+fn sampler_for(
+    model: &LlamaModel,
+    params: &GenerateParams,
+) -> std::result::Result<LlamaSampler, String> {
+    let mut chain = Vec::new();
+    if let Some(g) = &params.grammar {
+        chain.push(
+            LlamaSampler::grammar(model, g, "root")
+                .map_err(|e| format!("GRAMMAR the grammar is not valid GBNF: {e}"))?,
+        );
+    }
+    chain.push(LlamaSampler::penalties(
+        model.vocab().n_tokens(),
+        64,
+        params.repeat_penalty,
+        0.0,
+        0.0,
+    ));
+    if params.temperature <= 0.0 {
+        chain.push(LlamaSampler::greedy());
+    } else {
+        chain.push(LlamaSampler::top_k(params.top_k.max(1)));
+        chain.push(LlamaSampler::top_p(params.top_p.clamp(0.0, 1.0), 1));
+        chain.push(LlamaSampler::min_p(params.min_p.clamp(0.0, 1.0), 1));
+        chain.push(LlamaSampler::temp(params.temperature));
+        chain.push(LlamaSampler::dist(params.seed));
+    }
+    Ok(LlamaSampler::chain_simple(chain))
+}
+
+/// Sends what is ready; `false` if the client has gone. A full channel keeps the text for the next round,
+/// so one slow client never holds up the other slots.
+fn flush(a: &mut Active, upto: usize) -> bool {
+    if upto <= a.sent {
+        return !a.events.is_closed();
+    }
+    match a
+        .events
+        .try_send(Event::Text(a.text[a.sent..upto].to_owned()))
+    {
+        Ok(()) => {
+            a.ttft.get_or_insert_with(|| a.started.elapsed());
+            a.sent = upto;
+            true
+        }
+        Err(tmpsc::error::TrySendError::Full(_)) => true,
+        Err(tmpsc::error::TrySendError::Closed(_)) => false,
+    }
+}
+
+/// Ends a request: the rest of its text and its usage, or an error.
+fn finish(mut a: Active, outcome: std::result::Result<&str, String>) {
+    let result = match outcome {
+        Ok(reason) => {
+            if reason != "cancelled" && a.text.len() > a.sent {
+                a.ttft.get_or_insert_with(|| a.started.elapsed());
+                let _ = a
+                    .events
+                    .blocking_send(Event::Text(a.text[a.sent..].to_owned()));
+            }
+            let elapsed = a.started.elapsed();
+            let ttft = a.ttft.unwrap_or(elapsed);
+            let gen_secs = (elapsed - ttft.min(elapsed)).as_secs_f64();
+            Event::Done(Usage {
+                prompt_tokens: a.prompt.len() as u32,
+                completion_tokens: a.produced,
+                finish_reason: reason.into(),
+                ttft_ms: ttft.as_secs_f64() * 1000.0,
+                tokens_per_second: if gen_secs > 0.0 {
+                    (a.produced.saturating_sub(1)) as f64 / gen_secs
+                } else {
+                    0.0
+                },
+                cached_tokens: a.reused as u32,
+            })
+        }
+        Err(e) => Event::Error(e),
+    };
+    let _ = a.events.blocking_send(result);
+    a.in_flight
+        .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+}
+
 fn worker(
     info: ModelInfo,
     opts: EngineOptions,
@@ -572,9 +734,13 @@ fn worker(
     } else {
         opts.threads as i32
     };
+    let n_slots = opts.parallel.clamp(1, 64);
+    const N_BATCH: usize = 512;
+    // One context, one sequence per slot, each with the whole context length of its own.
     let params = LlamaContextParams::default()
-        .with_n_ctx(NonZeroU32::new(n_ctx))
-        .with_n_batch(512)
+        .with_n_ctx(NonZeroU32::new(n_ctx * n_slots))
+        .with_n_seq_max(n_slots)
+        .with_n_batch(N_BATCH as u32)
         .with_n_threads(threads)
         .with_n_threads_batch(threads);
     let mut ctx = match model.new_context(backend, params) {
@@ -589,246 +755,349 @@ fn worker(
     let embed_ctx_len = n_ctx.min(2048);
     let mut embed_ctx: Option<llama_cpp_2::context::LlamaContext<'_>> = None;
     let _ = ready.set(Ok(()));
-    tracing::info!(model = %info.name, n_ctx, threads, "Model loaded.");
-    // The worker ends when the manager drops its sender (unload, eviction, shutdown).
-    while let Ok(job) = jobs.recv() {
-        match job {
-            Job::Chat {
-                messages,
-                raw_prompt,
-                params,
-                events,
-                in_flight,
-            } => {
-                let started = Instant::now();
-                let result = (|| -> std::result::Result<Usage, String> {
-                    let chat: Vec<LlamaChatMessage> = messages
-                        .iter()
-                        .map(|m| LlamaChatMessage::new(m.role.clone(), m.content.clone()))
-                        .collect::<std::result::Result<_, _>>()
-                        .map_err(|e| format!("a message holds a NUL byte: {e}"))?;
-                    let prompt = match (&raw_prompt, &template) {
-                        (Some(p), _) => p.clone(),
-                        (None, Some(t)) => model
-                            .apply_chat_template(t, &chat, true)
-                            .map_err(|e| format!("the chat template failed: {e}"))?,
-                        (None, None) => {
-                            let mut p = String::new();
-                            for m in &messages {
-                                p.push_str(&format!("{}: {}\n", m.role, m.content));
-                            }
-                            p.push_str("assistant: ");
-                            p
-                        }
-                    };
-                    let vocab = model.vocab();
-                    let tokens = vocab.tokenize(prompt.as_bytes(), true, true);
-                    let n_prompt = tokens.len() as u32;
-                    if n_prompt + params.max_tokens > n_ctx {
-                        return Err(format!(
-                            "CONTEXT the prompt is {n_prompt} tokens and max_tokens is {}; together they must fit the context of {n_ctx} tokens",
-                            params.max_tokens
-                        ));
-                    }
-                    ctx.clear_kv_cache();
-                    let mut batch = LlamaBatch::new(512, 1);
-                    let mut pos = 0i32;
-                    for chunk in tokens.chunks(512) {
-                        batch.clear();
-                        for (i, t) in chunk.iter().enumerate() {
-                            let last = pos as usize + i + 1 == tokens.len();
-                            batch
-                                .add(*t, pos + i as i32, &[0], last)
-                                .map_err(|e| e.to_string())?;
-                        }
-                        ctx.decode(&mut batch)
-                            .map_err(|e| format!("decode failed: {e}"))?;
-                        pos += chunk.len() as i32;
-                    }
-                    let mut chain = Vec::new();
-                    if let Some(g) = &params.grammar {
-                        chain.push(
-                            LlamaSampler::grammar(&model, g, "root").map_err(|e| {
-                                format!("GRAMMAR the grammar is not valid GBNF: {e}")
-                            })?,
-                        );
-                    }
-                    chain.push(LlamaSampler::penalties(
-                        vocab.n_tokens(),
-                        64,
-                        params.repeat_penalty,
-                        0.0,
-                        0.0,
-                    ));
-                    if params.temperature <= 0.0 {
-                        chain.push(LlamaSampler::greedy());
-                    } else {
-                        chain.push(LlamaSampler::top_k(params.top_k.max(1)));
-                        chain.push(LlamaSampler::top_p(params.top_p.clamp(0.0, 1.0), 1));
-                        chain.push(LlamaSampler::min_p(params.min_p.clamp(0.0, 1.0), 1));
-                        chain.push(LlamaSampler::temp(params.temperature));
-                        chain.push(LlamaSampler::dist(params.seed));
-                    }
-                    let mut sampler = LlamaSampler::chain_simple(chain);
-                    let mut pending_bytes: Vec<u8> = Vec::new();
-                    let mut text = String::new();
-                    let mut sent = 0usize;
-                    let mut produced = 0u32;
-                    let mut ttft = None;
-                    let mut finish = "length";
-                    while produced < params.max_tokens {
-                        let token = sampler.sample(&ctx, batch.n_tokens() - 1);
-                        produced += 1;
-                        if vocab.is_eog(token) {
-                            finish = "stop";
-                            break;
-                        }
-                        pending_bytes.extend(vocab.token_to_piece(token, false, None));
-                        // Hold back bytes until they are whole UTF-8 characters.
-                        match std::str::from_utf8(&pending_bytes) {
-                            Ok(s) => {
-                                text.push_str(s);
-                                pending_bytes.clear();
-                            }
-                            Err(e) if e.error_len().is_none() => {
-                                let ok = e.valid_up_to();
-                                text.push_str(
-                                    std::str::from_utf8(&pending_bytes[..ok]).unwrap_or_default(),
-                                );
-                                pending_bytes.drain(..ok);
-                            }
-                            Err(_) => {
-                                text.push_str(&String::from_utf8_lossy(&pending_bytes));
-                                pending_bytes.clear();
-                            }
-                        }
-                        if let Some(at) = params
-                            .stop
-                            .iter()
-                            .filter(|s| !s.is_empty())
-                            .filter_map(|s| {
-                                text[sent.min(text.len())..]
-                                    .find(s.as_str())
-                                    .map(|i| i + sent)
-                            })
-                            .min()
-                        {
-                            text.truncate(at);
-                            finish = "stop";
-                            break;
-                        }
-                        let safe = text.len() - held_back(&text, &params.stop);
-                        if safe > sent {
-                            ttft.get_or_insert_with(|| started.elapsed());
-                            if events
-                                .blocking_send(Event::Text(text[sent..safe].to_owned()))
-                                .is_err()
-                            {
-                                // The client is gone: stop now.
-                                finish = "cancelled";
-                                break;
-                            }
-                            sent = safe;
-                        }
-                        batch.clear();
-                        batch
-                            .add(token, pos, &[0], true)
-                            .map_err(|e| e.to_string())?;
-                        pos += 1;
-                        ctx.decode(&mut batch)
-                            .map_err(|e| format!("decode failed: {e}"))?;
-                    }
-                    if finish != "cancelled" && text.len() > sent {
-                        let _ = events.blocking_send(Event::Text(text[sent..].to_owned()));
-                    }
-                    let elapsed = started.elapsed();
-                    let ttft = ttft.unwrap_or(elapsed);
-                    let gen_secs = (elapsed - ttft.min(elapsed)).as_secs_f64();
-                    Ok(Usage {
-                        prompt_tokens: n_prompt,
-                        completion_tokens: produced,
-                        finish_reason: finish.into(),
-                        ttft_ms: ttft.as_secs_f64() * 1000.0,
-                        tokens_per_second: if gen_secs > 0.0 {
-                            (produced.saturating_sub(1)) as f64 / gen_secs
-                        } else {
-                            0.0
-                        },
-                    })
-                })();
-                let _ = events.blocking_send(match result {
-                    Ok(u) => Event::Done(u),
-                    Err(e) => Event::Error(e),
-                });
-                in_flight.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    tracing::info!(model = %info.name, n_ctx, slots = n_slots, threads, "Model loaded.");
+    let vocab = model.vocab();
+    let mut slots: Vec<Slot> = (0..n_slots as i32)
+        .map(|seq| Slot {
+            seq,
+            cached: Vec::new(),
+            active: None,
+        })
+        .collect();
+    let mut waiting: std::collections::VecDeque<Job> = std::collections::VecDeque::new();
+    let mut batch = LlamaBatch::new(N_BATCH.max(n_slots as usize), 1);
+    let mut open = true;
+    // Continuous batching: every round admits waiting requests into free slots, feeds one token of each
+    // generating slot and as much prompt as fits, decodes them in one batch, and samples every slot that has
+    // logits. The worker ends when the manager drops its sender (unload, eviction, shutdown) and nothing is left.
+    loop {
+        let busy = slots.iter().any(|s| s.active.is_some());
+        if !busy && waiting.is_empty() {
+            if !open {
+                break;
             }
-            Job::Embed {
-                inputs,
-                reply,
-                in_flight,
-            } => {
-                let result = (|| -> std::result::Result<Embeddings, String> {
-                    if embed_ctx.is_none() {
-                        let params = LlamaContextParams::default()
-                            .with_n_ctx(NonZeroU32::new(embed_ctx_len))
-                            .with_n_batch(embed_ctx_len)
-                            .with_n_ubatch(embed_ctx_len)
-                            .with_n_threads(threads)
-                            .with_n_threads_batch(threads)
-                            .with_embeddings(true)
-                            .with_pooling_type(
-                                llama_cpp_2::context::params::LlamaPoolingType::Mean,
-                            );
-                        embed_ctx = Some(
-                            model
-                                .new_context(backend, params)
-                                .map_err(|e| format!("cannot create an embedding context: {e}"))?,
-                        );
-                    }
-                    let Some(ectx) = embed_ctx.as_mut() else {
-                        return Err("no embedding context".into());
-                    };
-                    let mut vectors = Vec::with_capacity(inputs.len());
-                    let mut prompt_tokens = 0u32;
-                    for (i, text) in inputs.iter().enumerate() {
-                        let tokens = model.vocab().tokenize(text.as_bytes(), true, false);
-                        if tokens.len() as u32 > embed_ctx_len {
-                            return Err(format!(
-                                "CONTEXT input[{i}] is {} tokens; embeddings take at most {embed_ctx_len}",
-                                tokens.len()
-                            ));
-                        }
-                        prompt_tokens += tokens.len() as u32;
-                        ectx.clear_kv_cache();
-                        let mut batch = LlamaBatch::new(tokens.len().max(1), 1);
-                        for (j, t) in tokens.iter().enumerate() {
-                            batch
-                                .add(*t, j as i32, &[0], true)
-                                .map_err(|e| e.to_string())?;
-                        }
-                        ectx.decode(&mut batch)
-                            .map_err(|e| format!("decode failed: {e}"))?;
-                        let v = ectx
-                            .embeddings_seq_ith(0)
-                            .map_err(|e| format!("no embedding: {e}"))?;
-                        let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
-                        vectors.push(if norm > 0.0 {
-                            v.iter().map(|x| x / norm).collect()
-                        } else {
-                            v.to_vec()
+            match jobs.recv() {
+                Ok(j) => waiting.push_back(j),
+                Err(_) => break,
+            }
+        }
+        while open {
+            match jobs.try_recv() {
+                Ok(j) => waiting.push_back(j),
+                Err(mpsc::TryRecvError::Empty) => break,
+                Err(mpsc::TryRecvError::Disconnected) => open = false,
+            }
+        }
+        // Admit.
+        while let Some(job) = waiting.pop_front() {
+            match job {
+                Job::Embed {
+                    inputs,
+                    reply,
+                    in_flight,
+                } => {
+                    let r = embed(
+                        &model,
+                        backend,
+                        &mut embed_ctx,
+                        embed_ctx_len,
+                        threads,
+                        &inputs,
+                    );
+                    let _ = reply.send(r);
+                    in_flight.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                }
+                Job::Chat {
+                    messages,
+                    raw_prompt,
+                    params,
+                    events,
+                    in_flight,
+                } => {
+                    if !slots.iter().any(|s| s.active.is_none()) {
+                        waiting.push_front(Job::Chat {
+                            messages,
+                            raw_prompt,
+                            params,
+                            events,
+                            in_flight,
                         });
+                        break;
                     }
-                    Ok(Embeddings {
-                        vectors,
-                        prompt_tokens,
+                    let started = Instant::now();
+                    let prepared = prompt_text(&model, template.as_ref(), &messages, raw_prompt)
+                        .and_then(|p| {
+                            let tokens = vocab.tokenize(p.as_bytes(), true, true);
+                            if tokens.is_empty() {
+                                return Err("the prompt has no tokens".to_owned());
+                            }
+                            if tokens.len() as u32 + params.max_tokens > n_ctx {
+                                return Err(format!(
+                                    "CONTEXT the prompt is {} tokens and max_tokens is {}; together they must fit the context of {n_ctx} tokens",
+                                    tokens.len(),
+                                    params.max_tokens
+                                ));
+                            }
+                            Ok((tokens, sampler_for(&model, &params)?))
+                        });
+                    let (prompt, sampler) = match prepared {
+                        Ok(x) => x,
+                        Err(e) => {
+                            let _ = events.blocking_send(Event::Error(e));
+                            in_flight.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                            continue;
+                        }
+                    };
+                    // The free slot whose cache shares the longest prefix with this prompt.
+                    let Some(slot) = slots
+                        .iter_mut()
+                        .filter(|s| s.active.is_none())
+                        .max_by_key(|s| common_prefix(&s.cached, &prompt))
+                    else {
+                        continue;
+                    };
+                    // At least the last prompt token is fed again, for its logits.
+                    let keep = common_prefix(&slot.cached, &prompt).min(prompt.len() - 1);
+                    let _ = ctx.clear_kv_cache_seq(Some(slot.seq as u32), Some(keep as u32), None);
+                    slot.cached.truncate(keep);
+                    slot.active = Some(Active {
+                        events,
+                        in_flight,
+                        params,
+                        sampler,
+                        prompt,
+                        next_prompt: keep,
+                        last_token: None,
+                        batch_index: None,
+                        pending_bytes: Vec::new(),
+                        text: String::new(),
+                        sent: 0,
+                        produced: 0,
+                        started,
+                        ttft: None,
+                        reused: keep,
+                    });
+                }
+            }
+        }
+        // Build one batch: a token per generating slot first (they stream), then prompt chunks.
+        batch.clear();
+        let mut room = N_BATCH.max(n_slots as usize);
+        for slot in slots.iter_mut() {
+            let Some(a) = slot.active.as_mut() else {
+                continue;
+            };
+            a.batch_index = None;
+            if a.events.is_closed() {
+                continue;
+            }
+            if let Some(t) = a.last_token.take() {
+                let pos = slot.cached.len() as i32;
+                if batch.add(t, pos, &[slot.seq], true).is_ok() {
+                    a.batch_index = Some(batch.n_tokens() - 1);
+                    slot.cached.push(t);
+                    room -= 1;
+                }
+            }
+        }
+        for slot in slots.iter_mut() {
+            let Some(a) = slot.active.as_mut() else {
+                continue;
+            };
+            if a.events.is_closed() {
+                continue;
+            }
+            while a.next_prompt < a.prompt.len() && room > 0 {
+                let t = a.prompt[a.next_prompt];
+                let last = a.next_prompt + 1 == a.prompt.len();
+                if batch
+                    .add(t, slot.cached.len() as i32, &[slot.seq], last)
+                    .is_err()
+                {
+                    break;
+                }
+                if last {
+                    a.batch_index = Some(batch.n_tokens() - 1);
+                }
+                slot.cached.push(t);
+                a.next_prompt += 1;
+                room -= 1;
+            }
+        }
+        if batch.n_tokens() > 0
+            && let Err(e) = ctx.decode(&mut batch)
+        {
+            // The batch failed as a whole: every request in it fails, and its cache is dropped.
+            let msg = format!("decode failed: {e}");
+            for slot in slots.iter_mut() {
+                if slot
+                    .active
+                    .as_ref()
+                    .is_some_and(|a| a.batch_index.is_some())
+                {
+                    let _ = ctx.clear_kv_cache_seq(Some(slot.seq as u32), None, None);
+                    slot.cached.clear();
+                    if let Some(a) = slot.active.take() {
+                        finish(a, Err(msg.clone()));
+                    }
+                }
+            }
+            continue;
+        }
+        // Sample every slot with logits; end the ones that are done.
+        for slot in slots.iter_mut() {
+            let Some(a) = slot.active.as_mut() else {
+                continue;
+            };
+            if a.events.is_closed() {
+                if let Some(a) = slot.active.take() {
+                    finish(a, Ok("cancelled"));
+                }
+                continue;
+            }
+            let Some(idx) = a.batch_index.take() else {
+                // Still filling its prompt, or waiting for a slow client's channel.
+                let upto = a.text.len() - held_back(&a.text, &a.params.stop);
+                if !flush(a, upto)
+                    && let Some(a) = slot.active.take()
+                {
+                    finish(a, Ok("cancelled"));
+                }
+                continue;
+            };
+            let token = a.sampler.sample(&ctx, idx);
+            a.produced += 1;
+            let mut reason = None;
+            if vocab.is_eog(token) {
+                reason = Some("stop");
+            } else {
+                a.pending_bytes
+                    .extend(vocab.token_to_piece(token, false, None));
+                // Hold back bytes until they are whole UTF-8 characters.
+                match std::str::from_utf8(&a.pending_bytes) {
+                    Ok(s) => {
+                        a.text.push_str(s);
+                        a.pending_bytes.clear();
+                    }
+                    Err(e) if e.error_len().is_none() => {
+                        let ok = e.valid_up_to();
+                        let head = std::str::from_utf8(&a.pending_bytes[..ok])
+                            .unwrap_or_default()
+                            .to_owned();
+                        a.text.push_str(&head);
+                        a.pending_bytes.drain(..ok);
+                    }
+                    Err(_) => {
+                        let lossy = String::from_utf8_lossy(&a.pending_bytes).into_owned();
+                        a.text.push_str(&lossy);
+                        a.pending_bytes.clear();
+                    }
+                }
+                let sent = a.sent;
+                if let Some(at) = a
+                    .params
+                    .stop
+                    .iter()
+                    .filter(|s| !s.is_empty())
+                    .filter_map(|s| {
+                        a.text[sent.min(a.text.len())..]
+                            .find(s.as_str())
+                            .map(|i| i + sent)
                     })
-                })();
-                let _ = reply.send(result);
-                in_flight.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                    .min()
+                {
+                    a.text.truncate(at);
+                    reason = Some("stop");
+                } else if a.produced >= a.params.max_tokens {
+                    reason = Some("length");
+                } else {
+                    let upto = a.text.len() - held_back(&a.text, &a.params.stop);
+                    if !flush(a, upto) {
+                        reason = Some("cancelled");
+                    }
+                }
+            }
+            match reason {
+                Some(r) => {
+                    if let Some(a) = slot.active.take() {
+                        if a.reused > 0 {
+                            tracing::debug!(
+                                seq = slot.seq,
+                                reused = a.reused,
+                                "A prompt prefix was reused from the cache."
+                            );
+                        }
+                        finish(a, Ok(r));
+                    }
+                }
+                None => a.last_token = Some(token),
             }
         }
     }
     tracing::info!(model = %info.name, "Model unloaded.");
+}
+
+/// Embeds each input in the embedding context (made on first use): mean-pooled and L2-normalized.
+fn embed<'m>(
+    model: &'m LlamaModel,
+    backend: &LlamaBackend,
+    embed_ctx: &mut Option<llama_cpp_2::context::LlamaContext<'m>>,
+    len: u32,
+    threads: i32,
+    inputs: &[String],
+) -> std::result::Result<Embeddings, String> {
+    if embed_ctx.is_none() {
+        let params = LlamaContextParams::default()
+            .with_n_ctx(NonZeroU32::new(len))
+            .with_n_batch(len)
+            .with_n_ubatch(len)
+            .with_n_threads(threads)
+            .with_n_threads_batch(threads)
+            .with_embeddings(true)
+            .with_pooling_type(llama_cpp_2::context::params::LlamaPoolingType::Mean);
+        *embed_ctx = Some(
+            model
+                .new_context(backend, params)
+                .map_err(|e| format!("cannot create an embedding context: {e}"))?,
+        );
+    }
+    let Some(ectx) = embed_ctx.as_mut() else {
+        return Err("no embedding context".into());
+    };
+    let mut vectors = Vec::with_capacity(inputs.len());
+    let mut prompt_tokens = 0u32;
+    for (i, text) in inputs.iter().enumerate() {
+        let tokens = model.vocab().tokenize(text.as_bytes(), true, false);
+        if tokens.len() as u32 > len {
+            return Err(format!(
+                "CONTEXT input[{i}] is {} tokens; embeddings take at most {len}",
+                tokens.len()
+            ));
+        }
+        prompt_tokens += tokens.len() as u32;
+        ectx.clear_kv_cache();
+        let mut batch = LlamaBatch::new(tokens.len().max(1), 1);
+        for (j, t) in tokens.iter().enumerate() {
+            batch
+                .add(*t, j as i32, &[0], true)
+                .map_err(|e| e.to_string())?;
+        }
+        ectx.decode(&mut batch)
+            .map_err(|e| format!("decode failed: {e}"))?;
+        let v = ectx
+            .embeddings_seq_ith(0)
+            .map_err(|e| format!("no embedding: {e}"))?;
+        let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        vectors.push(if norm > 0.0 {
+            v.iter().map(|x| x / norm).collect()
+        } else {
+            v.to_vec()
+        });
+    }
+    Ok(Embeddings {
+        vectors,
+        prompt_tokens,
+    })
 }
 
 #[cfg(test)]

@@ -25,6 +25,7 @@ fn engine(max_loaded: usize) -> Engine {
             keep_alive: std::time::Duration::from_secs(60),
             max_loaded,
             memory_budget: 0,
+            parallel: 4,
         },
     )
 }
@@ -83,6 +84,15 @@ async fn chat_streams_tokens_deterministically() {
         .await
         .unwrap();
     assert_eq!(a, b, "greedy decoding is deterministic");
+    let (_, again) = e
+        .chat_text("smollm2", ask("What is the capital of France?"), greedy(24))
+        .await
+        .unwrap();
+    assert_eq!(
+        again.cached_tokens,
+        again.prompt_tokens - 1,
+        "the same prompt again reuses its cached prefix: {again:?}"
+    );
     // Streaming: several pieces, then Done.
     let mut rx = e
         .chat("smollm2", ask("Count from 1 to 10."), greedy(40))
@@ -243,12 +253,14 @@ async fn the_memory_budget_is_kept() {
     s.add(std::path::Path::new(&src), Some("twin"), &mut |_, _| {})
         .unwrap();
     let size = s.get("smollm2").unwrap().size;
+    // One slot of 2048 tokens each, so the arithmetic below is the model's own.
     let one = engine::memory_needed(size, 2048);
     let opts = |budget| EngineOptions {
         context: 2048,
         threads: 2,
         max_loaded: 8,
         memory_budget: budget,
+        parallel: 1,
         ..Default::default()
     };
     // Too small for even one: refused before anything is loaded.
@@ -270,4 +282,40 @@ async fn the_memory_budget_is_kept() {
     e.load("twin", true).await.unwrap();
     let err = e.load("smollm2", false).await.unwrap_err().to_string();
     assert!(err.contains("NOA-E0812") && err.contains("pinned"), "{err}");
+}
+
+/// Continuous batching: concurrent requests share the model's slots and are decoded together; each still gets
+/// its own answer, and a fifth waits for a free slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_are_batched_in_slots() {
+    let e = engine(2);
+    let questions = [
+        "What is the capital of France?",
+        "What is the capital of Italy?",
+        "What is the capital of Germany?",
+        "What is the capital of Spain?",
+        "What is the capital of France? Answer in one word.",
+    ];
+    let tasks: Vec<_> = questions
+        .iter()
+        .map(|q| {
+            let e = e.clone();
+            let q = q.to_string();
+            tokio::spawn(async move { e.chat_text("smollm2", ask(&q), greedy(24)).await })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for t in tasks {
+        let (text, usage) = t.await.unwrap().unwrap();
+        assert!(usage.completion_tokens >= 1, "{usage:?}");
+        answers.push(text);
+    }
+    for (q, a) in questions.iter().zip(&answers) {
+        assert!(!a.trim().is_empty(), "{q}: empty answer");
+    }
+    assert!(answers[0].contains("Paris"), "{answers:?}");
+    assert!(answers[1].contains("Rome"), "{answers:?}");
+    // Every slot is free again: the model is not busy.
+    let busy: usize = e.loaded().iter().map(|l| l.busy).sum();
+    assert_eq!(busy, 0);
 }

@@ -114,6 +114,12 @@ pub const SETTINGS: &[Setting] = &[
         doc: "Most memory the loaded models may take together (0: none; a model is loaded only if available memory can hold it).",
     },
     Setting {
+        key: "infer.parallel",
+        kind: Kind::Count { min: 1, max: 64 },
+        default: "4",
+        doc: "Requests one model serves at once: slots decoded together in one batch (continuous batching), each with infer.context tokens.",
+    },
+    Setting {
         key: "infer.keep_alive",
         kind: Kind::Duration,
         default: "5m",

@@ -273,6 +273,7 @@ impl Node {
                 keep_alive: config.duration("infer.keep_alive"),
                 max_loaded: config.count("infer.max_loaded") as usize,
                 memory_budget: config.bytes("infer.memory_budget"),
+                parallel: config.count("infer.parallel") as u32,
             },
         );
         ai::serve(kernel.bus().clone(), engine.clone()).map_err(|e| Error::DataDir {

@@ -418,7 +418,8 @@ impl Kind {
 
 fn usage_json(u: &noa_infer::Usage) -> Value {
     json!({ "prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-            "total_tokens": u.prompt_tokens + u.completion_tokens })
+            "total_tokens": u.prompt_tokens + u.completion_tokens,
+            "prompt_tokens_details": { "cached_tokens": u.cached_tokens } })
 }
 
 /// Answers from the engine's events: one JSON object, or Server-Sent Events chunks ending in `[DONE]`.
