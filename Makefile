@@ -35,6 +35,7 @@ bench: setup
 	$(CARGO) bench --locked -p noa-infer --bench generate
 	$(CARGO) bench --locked -p noa-workflow --bench workflow
 	$(CARGO) build --release --locked -p noa
+	bench/llama_peers.sh
 	bench/startup.sh
 
 clean:
