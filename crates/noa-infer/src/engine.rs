@@ -695,9 +695,10 @@ fn finish(mut a: Active, outcome: std::result::Result<&str, String>) {
         }
         Err(e) => Event::Error(e),
     };
-    let _ = a.events.blocking_send(result);
+    // The slot is free before the client hears that its request ended.
     a.in_flight
         .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    let _ = a.events.blocking_send(result);
 }
 
 fn worker(
@@ -804,8 +805,8 @@ fn worker(
                         threads,
                         &inputs,
                     );
-                    let _ = reply.send(r);
                     in_flight.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                    let _ = reply.send(r);
                 }
                 Job::Chat {
                     messages,
@@ -843,8 +844,8 @@ fn worker(
                     let (prompt, sampler) = match prepared {
                         Ok(x) => x,
                         Err(e) => {
-                            let _ = events.blocking_send(Event::Error(e));
                             in_flight.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                            let _ = events.blocking_send(Event::Error(e));
                             continue;
                         }
                     };
