@@ -432,6 +432,22 @@ impl Engine {
         }
         // Room for a burst: the worker never waits for a slow client while other slots generate.
         let (tx, rx) = tmpsc::channel(1024);
+        self.enqueue(model, |in_flight| Job::Chat {
+            messages,
+            raw_prompt,
+            params,
+            events: tx,
+            in_flight,
+        })?;
+        Ok(rx)
+    }
+
+    /// Loads `model` if needed and queues a job for its worker, counting it in flight until the worker is done.
+    fn enqueue(
+        &self,
+        model: &str,
+        job: impl FnOnce(Arc<std::sync::atomic::AtomicUsize>) -> Job,
+    ) -> Result<()> {
         let mut loaded = self.lock();
         self.ensure_locked(&mut loaded, model)?;
         let l = loaded
@@ -440,23 +456,14 @@ impl Engine {
         l.last_used = Instant::now();
         let counter = l.in_flight.clone();
         counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        if l.jobs
-            .send(Job::Chat {
-                messages,
-                raw_prompt,
-                params,
-                events: tx,
-                in_flight: counter.clone(),
-            })
-            .is_err()
-        {
+        if l.jobs.send(job(counter.clone())).is_err() {
             counter.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
             loaded.remove(model);
             return Err(Error::Engine(format!(
                 "the worker of {model} has stopped; try again"
             )));
         }
-        Ok(rx)
+        Ok(())
     }
 
     /// Embeds each input with `model` (mean of the last hidden states over the input's tokens, L2-normalized).
@@ -470,30 +477,11 @@ impl Engine {
             return Err(Error::BadRequest(format!("input[{i}] is empty")));
         }
         let (tx, rx) = tokio::sync::oneshot::channel();
-        {
-            let mut loaded = self.lock();
-            self.ensure_locked(&mut loaded, model)?;
-            let l = loaded
-                .get_mut(model)
-                .ok_or_else(|| Error::Engine("lost a loading model".into()))?;
-            l.last_used = Instant::now();
-            let counter = l.in_flight.clone();
-            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            if l.jobs
-                .send(Job::Embed {
-                    inputs,
-                    reply: tx,
-                    in_flight: counter.clone(),
-                })
-                .is_err()
-            {
-                counter.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-                loaded.remove(model);
-                return Err(Error::Engine(format!(
-                    "the worker of {model} has stopped; try again"
-                )));
-            }
-        }
+        self.enqueue(model, |in_flight| Job::Embed {
+            inputs,
+            reply: tx,
+            in_flight,
+        })?;
         match rx.await {
             Ok(Ok(e)) => Ok(e),
             Ok(Err(e)) => match e.strip_prefix("CONTEXT ") {

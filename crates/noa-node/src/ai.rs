@@ -122,64 +122,57 @@ fn parse_embed(v: &Value) -> Result<(String, Vec<String>), String> {
 
 /// Answers `ai.embed` until the bus closes.
 pub fn serve_embeddings(bus: Bus, engine: Engine) -> Result<(), noa_bus::Error> {
-    let mut sub = bus.subscribe(EMBED_SUBJECT, Some("ai"), 256)?;
-    tokio::spawn(async move {
-        while let Some(msg) = sub.recv().await {
-            let Some(reply) = msg.reply.clone() else {
-                continue;
-            };
-            let bus = bus.clone();
-            let engine = engine.clone();
-            tokio::spawn(async move {
-                let request: Result<Value, String> = serde_json::from_slice(&msg.payload)
-                    .map_err(|e| format!("the request is not JSON: {e}"));
-                let outcome = match request.and_then(|v| parse_embed(&v)) {
-                    Err(e) => Err(e),
-                    Ok((model, inputs)) => engine
-                        .embed(&model, inputs)
-                        .await
-                        .map(|e| json!({ "model": model, "embeddings": e.vectors, "usage": { "prompt_tokens": e.prompt_tokens } }))
-                        .map_err(|e| e.to_string()),
-                };
-                let answer = match outcome {
-                    Ok(v) => Message::new(reply, v.to_string()),
-                    Err(e) => {
-                        let m = Message::new(reply, json!({ "error": e }).to_string());
-                        let header = e.replace(['\r', '\n'], " ");
-                        m.clone()
-                            .with_headers([("noa-error".to_string(), header)].into())
-                            .unwrap_or(m)
-                    }
-                };
-                let _ = bus.publish(answer);
-            });
+    answer_on(bus, EMBED_SUBJECT, move |v| {
+        let engine = engine.clone();
+        async move {
+            let (model, inputs) = parse_embed(&v)?;
+            let e = engine
+                .embed(&model, inputs)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(
+                json!({ "model": model, "embeddings": e.vectors, "usage": { "prompt_tokens": e.prompt_tokens } }),
+            )
         }
-    });
-    Ok(())
+    })
 }
 
 /// Answers `ai.infer` until the bus closes.
 pub fn serve(bus: Bus, engine: Engine) -> Result<(), noa_bus::Error> {
-    let mut sub = bus.subscribe(SUBJECT, Some("ai"), 256)?;
+    answer_on(bus, SUBJECT, move |v| {
+        let engine = engine.clone();
+        async move {
+            let (model, messages, params) = parse(&v)?;
+            let (text, usage) = engine
+                .chat_text(&model, messages, params)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(json!({ "model": model, "text": text, "usage": usage }))
+        }
+    })
+}
+
+/// Answers JSON requests on `subject` (queue group `ai`) with `handle`, each in its own task: the result as
+/// JSON, or `{"error": "..."}` with a `noa-error` header.
+fn answer_on<F, Fut>(bus: Bus, subject: &str, handle: F) -> Result<(), noa_bus::Error>
+where
+    F: Fn(Value) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<Value, String>> + Send + 'static,
+{
+    let mut sub = bus.subscribe(subject, Some("ai"), 256)?;
     tokio::spawn(async move {
         while let Some(msg) = sub.recv().await {
             let Some(reply) = msg.reply.clone() else {
                 continue;
             };
             let bus = bus.clone();
-            let engine = engine.clone();
+            let request: Result<Value, String> = serde_json::from_slice(&msg.payload)
+                .map_err(|e| format!("the request is not JSON: {e}"));
+            let work = request.map(&handle);
             tokio::spawn(async move {
-                let request: Result<Value, String> = serde_json::from_slice(&msg.payload)
-                    .map_err(|e| format!("the request is not JSON: {e}"));
-                let outcome = match request.and_then(|v| parse(&v)) {
+                let outcome = match work {
+                    Ok(fut) => fut.await,
                     Err(e) => Err(e),
-                    Ok((model, messages, params)) => engine
-                        .chat_text(&model, messages, params)
-                        .await
-                        .map(
-                            |(text, usage)| json!({ "model": model, "text": text, "usage": usage }),
-                        )
-                        .map_err(|e| e.to_string()),
                 };
                 let answer = match outcome {
                     Ok(v) => Message::new(reply, v.to_string()),

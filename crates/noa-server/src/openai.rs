@@ -102,6 +102,17 @@ impl From<noa_kernel::Error> for OpenAiError {
     }
 }
 
+/// The models are asked as `ai.infer` is on the bus: the same policy decides for HTTP and bus callers.
+fn may_ask_models(state: &AppState, p: &Principal) -> Result<(), OpenAiError> {
+    state.kernel.authorize(
+        p,
+        Action::Request,
+        &Resource::Subject("ai.infer".into()),
+        false,
+    )?;
+    Ok(())
+}
+
 fn engine(state: &AppState) -> Result<&Engine, OpenAiError> {
     state.engine.as_ref().ok_or(OpenAiError {
         status: StatusCode::SERVICE_UNAVAILABLE,
@@ -490,12 +501,7 @@ pub async fn chat_completions(
     body: Result<Json<ChatRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Response, OpenAiError> {
     let Json(req) = body.map_err(|e| OpenAiError::bad(None, e.body_text()))?;
-    state.kernel.authorize(
-        &p,
-        Action::Request,
-        &Resource::Subject("ai.infer".into()),
-        false,
-    )?;
+    may_ask_models(&state, &p)?;
     let mut params = params(&req.sampling)?;
     let mut msgs = messages(&req)?;
     let tools = tool_mode(&req)?;
@@ -766,12 +772,7 @@ pub async fn completions(
     body: Result<Json<CompletionRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Response, OpenAiError> {
     let Json(req) = body.map_err(|e| OpenAiError::bad(None, e.body_text()))?;
-    state.kernel.authorize(
-        &p,
-        Action::Request,
-        &Resource::Subject("ai.infer".into()),
-        false,
-    )?;
+    may_ask_models(&state, &p)?;
     let mut params = params(&req.sampling)?;
     // OpenAI's default for plain completions.
     if req.sampling.max_tokens.is_none() {
@@ -838,12 +839,7 @@ pub async fn embeddings(
     body: Result<Json<EmbeddingRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Response, OpenAiError> {
     let Json(req) = body.map_err(|e| OpenAiError::bad(None, e.body_text()))?;
-    state.kernel.authorize(
-        &p,
-        Action::Request,
-        &Resource::Subject("ai.infer".into()),
-        false,
-    )?;
+    may_ask_models(&state, &p)?;
     let inputs: Vec<String> = match &req.input {
         Value::String(s) => vec![s.clone()],
         Value::Array(items) if !items.is_empty() && items.iter().all(Value::is_string) => items
