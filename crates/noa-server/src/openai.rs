@@ -799,6 +799,9 @@ fn generation_error(e: String) -> OpenAiError {
     if let Some(m) = e.strip_prefix("GRAMMAR ") {
         return OpenAiError::bad(Some("grammar"), m);
     }
+    if let Some(m) = e.strip_prefix("NOTCHAT ") {
+        return OpenAiError::bad(Some("model"), m);
+    }
     match e.strip_prefix("CONTEXT ") {
         Some(m) => OpenAiError {
             status: StatusCode::BAD_REQUEST,
