@@ -9,6 +9,7 @@
 //! `max_loaded` would be passed.
 
 use crate::models::{ModelInfo, ModelStore};
+use crate::remote::RemoteModel;
 use crate::{Error, Result};
 use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::llama_backend::LlamaBackend;
@@ -169,6 +170,8 @@ struct Inner {
     store: ModelStore,
     opts: EngineOptions,
     loaded: Mutex<HashMap<String, Loaded>>,
+    /// Reads the API keys of remote models (set by the node).
+    keys: std::sync::RwLock<Option<crate::KeySource>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -200,6 +203,7 @@ impl Engine {
                 store,
                 opts,
                 loaded: Mutex::new(HashMap::new()),
+                keys: std::sync::RwLock::new(None),
             }),
         };
         // The idle reaper holds only a weak reference, so the engine can be dropped.
@@ -233,6 +237,88 @@ impl Engine {
         &self.inner.store
     }
 
+    /// Sets how the API keys of remote models are read.
+    pub fn set_key_source(&self, keys: crate::KeySource) {
+        *self.inner.keys.write().unwrap_or_else(|e| e.into_inner()) = Some(keys);
+    }
+
+    /// The remote model named `name`, if it is one.
+    pub fn remote(&self, name: &str) -> Result<Option<RemoteModel>> {
+        self.inner.store.remote(name)
+    }
+
+    fn remote_key(&self, m: &RemoteModel) -> Result<Option<String>> {
+        let Some(secret) = &m.secret else {
+            return Ok(None);
+        };
+        let keys = self.inner.keys.read().unwrap_or_else(|e| e.into_inner());
+        let read = keys.as_ref().ok_or_else(|| {
+            Error::Engine(format!(
+                "{} needs the secret {secret}, and this engine has no secret store",
+                m.name
+            ))
+        })?;
+        read(secret, &m.name).map(Some).map_err(|e| Error::Remote {
+            name: m.name.clone(),
+            url: m.url.clone(),
+            status: None,
+            message: format!("cannot read its key from the secret {secret}: {e}"),
+        })
+    }
+
+    /// Sends an OpenAI-shaped request body as it is to a remote model's `path` (`chat/completions`,
+    /// `completions`, `embeddings`), for callers that speak the API themselves (the HTTP proxy).
+    pub async fn remote_request(
+        &self,
+        m: &RemoteModel,
+        path: &'static str,
+        body: serde_json::Value,
+        stream: bool,
+    ) -> Result<crate::Reply> {
+        let key = self.remote_key(m)?;
+        crate::remote::send(m.clone(), key, path, body, stream).await
+    }
+
+    /// Starts a generation through a remote model.
+    fn remote_generate(
+        &self,
+        m: RemoteModel,
+        messages: Vec<ChatMessage>,
+        raw_prompt: Option<String>,
+        params: GenerateParams,
+    ) -> Result<tmpsc::Receiver<Event>> {
+        if params.grammar.is_some() {
+            return Err(Error::BadRequest(format!(
+                "{} is a remote model: it takes no GBNF grammar (use the remote API's own response_format)",
+                m.name
+            )));
+        }
+        let key = self.remote_key(&m)?;
+        // Only the sampling fields every OpenAI-compatible server accepts.
+        let mut body = serde_json::json!({
+            "max_tokens": params.max_tokens,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "seed": params.seed,
+        });
+        if !params.stop.is_empty() {
+            body["stop"] = serde_json::json!(params.stop);
+        }
+        let chat = raw_prompt.is_none();
+        match raw_prompt {
+            Some(p) => body["prompt"] = serde_json::json!(p),
+            None => {
+                body["messages"] = messages
+                    .iter()
+                    .map(|m| serde_json::json!({ "role": m.role, "content": m.content }))
+                    .collect()
+            }
+        }
+        let (tx, rx) = tmpsc::channel(1024);
+        crate::remote::generate(m, key, body, chat, tx);
+        Ok(rx)
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Loaded>> {
         self.inner.loaded.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -261,6 +347,12 @@ impl Engine {
 
     /// Loads a model now (and pins it if asked); waits until it is in memory.
     pub async fn load(&self, name: &str, pin: bool) -> Result<()> {
+        if let Some(m) = self.remote(name)? {
+            return Err(Error::BadRequest(format!(
+                "{name} is a remote model (served by {}); there is nothing to load",
+                m.url
+            )));
+        }
         let ready = {
             let mut loaded = self.lock();
             self.ensure_locked(&mut loaded, name)?;
@@ -430,6 +522,9 @@ impl Engine {
         if params.max_tokens == 0 {
             return Err(Error::BadRequest("max_tokens must be at least 1".into()));
         }
+        if let Some(m) = self.remote(model)? {
+            return self.remote_generate(m, messages, raw_prompt, params);
+        }
         // Room for a burst: the worker never waits for a slow client while other slots generate.
         let (tx, rx) = tmpsc::channel(1024);
         self.enqueue(model, |in_flight| Job::Chat {
@@ -476,6 +571,10 @@ impl Engine {
         if let Some(i) = inputs.iter().position(String::is_empty) {
             return Err(Error::BadRequest(format!("input[{i}] is empty")));
         }
+        if let Some(m) = self.remote(model)? {
+            let key = self.remote_key(&m)?;
+            return crate::remote::embed(m, key, inputs).await;
+        }
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.enqueue(model, |in_flight| Job::Embed {
             inputs,
@@ -511,6 +610,9 @@ impl Engine {
 
 /// A worker's error as the caller's: the ones that begin with a code word are the request's fault.
 fn worker_error(e: String) -> Error {
+    if let Some(m) = e.strip_prefix("REMOTE ") {
+        return Error::Relayed(m.to_owned());
+    }
     for code in ["CONTEXT ", "GRAMMAR ", "NOTCHAT "] {
         if let Some(m) = e.strip_prefix(code) {
             return Error::BadRequest(m.to_owned());

@@ -43,6 +43,17 @@ pub enum Error {
     Generate(String),
     #[error("NOA-E0811 inference engine error: {0}")]
     Engine(String),
+    /// An error already worded in full elsewhere (a remote model's, relayed from its thread).
+    #[error("{0}")]
+    Relayed(String),
+    #[error("NOA-E0813 the remote model {name} ({url}) failed: {message}")]
+    Remote {
+        name: String,
+        url: String,
+        /// The remote's HTTP status, when it answered with one.
+        status: Option<u16>,
+        message: String,
+    },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

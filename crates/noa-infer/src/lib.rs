@@ -10,6 +10,7 @@ mod error;
 pub mod gguf;
 pub mod grammar;
 pub mod models;
+pub mod remote;
 
 pub use engine::{
     ChatMessage, Embeddings, Engine, EngineOptions, Event, GenerateParams, LoadedInfo, Usage,
@@ -17,6 +18,7 @@ pub use engine::{
 };
 pub use error::{Error, Result};
 pub use models::{CATALOG, ModelInfo, ModelStore};
+pub use remote::{KeySource, RemoteModel, Reply};
 
 #[cfg(test)]
 mod tests;

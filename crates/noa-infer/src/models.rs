@@ -195,6 +195,12 @@ impl ModelStore {
                     .unwrap_or_default()
                     .into_iter()
                     .map(|m| m.name)
+                    .chain(
+                        self.remotes()
+                            .unwrap_or_default()
+                            .into_iter()
+                            .map(|m| m.name),
+                    )
                     .collect(),
             }),
             Err(e) => Err(io_err(&p, e)),
@@ -371,7 +377,8 @@ impl ModelStore {
             name: entry.name.to_owned(),
             message,
         };
-        let mut bytes = Vec::with_capacity(total as usize);
+        // The size is the zip's claim, not yet checked: it only sizes the first allocation.
+        let mut bytes = Vec::with_capacity(total.min(512 << 20) as usize);
         let (sha256, _, _) = copy_hashing(&mut member, &mut bytes, total, progress)
             .map_err(|e| bad(format!("cannot read {what}: {e}")))?;
         if sha256 != entry.sha256 {
@@ -463,8 +470,93 @@ impl ModelStore {
         Ok(p)
     }
 
-    /// Removes an installed model.
+    fn remote_path(&self, name: &str) -> PathBuf {
+        self.dir.join("remote").join(format!("{name}.json"))
+    }
+
+    /// Adds (or replaces) a remote model: an OpenAI-compatible endpoint used under `name`.
+    pub fn add_remote(
+        &self,
+        name: &str,
+        url: &str,
+        remote_model: Option<&str>,
+        secret: Option<&str>,
+    ) -> Result<crate::RemoteModel> {
+        validate_model_name(name)?;
+        if self.record_path(name).exists() {
+            return Err(Error::BadRequest(format!(
+                "{name} is already a local model; remove it first or choose another name"
+            )));
+        }
+        let url = crate::remote::check_url(url)?;
+        if let Some(s) = secret {
+            crate::remote::check_secret_name(s)?;
+        }
+        let model = crate::RemoteModel {
+            name: name.to_owned(),
+            url,
+            model: remote_model.unwrap_or(name).to_owned(),
+            secret: secret.map(str::to_owned),
+            added_ms: noa_types::now_ms(),
+        };
+        let path = self.remote_path(name);
+        let dir = self.dir.join("remote");
+        std::fs::create_dir_all(&dir).map_err(|e| io_err(&dir, e))?;
+        let json = serde_json::to_vec_pretty(&model).map_err(|e| io_err(&path, e))?;
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, json)
+            .and_then(|_| std::fs::rename(&tmp, &path))
+            .map_err(|e| io_err(&path, e))?;
+        Ok(model)
+    }
+
+    /// The remote model named `name`, if there is one.
+    pub fn remote(&self, name: &str) -> Result<Option<crate::RemoteModel>> {
+        if noa_types::validate_name(name).is_err() {
+            return Ok(None);
+        }
+        let p = self.remote_path(name);
+        match std::fs::read_to_string(&p) {
+            Ok(text) => serde_json::from_str(&text)
+                .map(Some)
+                .map_err(|e| io_err(&p, format!("not a remote model record: {e}"))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err(&p, e)),
+        }
+    }
+
+    /// Every remote model, by name.
+    pub fn remotes(&self) -> Result<Vec<crate::RemoteModel>> {
+        let dir = self.dir.join("remote");
+        let mut out = Vec::new();
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            return Ok(out);
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.extension().is_some_and(|x| x == "json") {
+                // One damaged record must not hide the others.
+                match std::fs::read_to_string(&p)
+                    .map_err(|e| e.to_string())
+                    .and_then(|t| serde_json::from_str(&t).map_err(|e| e.to_string()))
+                {
+                    Ok(m) => out.push(m),
+                    Err(e) => {
+                        tracing::warn!(path = %p.display(), "Skipping a remote model record: {e}.")
+                    }
+                }
+            }
+        }
+        out.sort_by(|a: &crate::RemoteModel, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    /// Removes an installed or remote model.
     pub fn remove(&self, name: &str) -> Result<()> {
+        if self.remote(name)?.is_some() {
+            let p = self.remote_path(name);
+            return std::fs::remove_file(&p).map_err(|e| io_err(&p, e));
+        }
         let info = self.get(name)?;
         let _ = std::fs::remove_file(&info.file);
         std::fs::remove_file(self.record_path(name)).map_err(|e| io_err(&self.record_path(name), e))

@@ -8,6 +8,40 @@
 use noa_bus::{Bus, Message};
 use noa_infer::{ChatMessage, Engine, GenerateParams};
 use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Reads the API keys of remote models from the secret store, as the node (each read is audited). A key is
+/// kept for a minute, so a busy remote model does not fill the audit log with one read per request (so a
+/// changed key takes up to a minute to be used). Failed reads are not kept: each is audited.
+pub fn key_source(store: noa_store::Store) -> noa_infer::KeySource {
+    type Cache = HashMap<String, (String, Instant)>;
+    let cache: Arc<Mutex<Cache>> = Arc::default();
+    Arc::new(move |secret: &str, model: &str| {
+        if let Some((key, at)) = cache.lock().unwrap_or_else(|e| e.into_inner()).get(secret)
+            && at.elapsed() < Duration::from_secs(60)
+        {
+            return Ok(key.clone());
+        }
+        let bytes = store
+            .secret_read(
+                "node",
+                secret,
+                &format!("the API key of the remote model {model}"),
+            )
+            .map_err(|e| e.to_string())?;
+        let key = String::from_utf8(bytes)
+            .map_err(|_| format!("the secret {secret} is not UTF-8 text"))?
+            .trim()
+            .to_owned();
+        cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(secret.to_owned(), (key.clone(), Instant::now()));
+        Ok(key)
+    })
+}
 
 /// The subject the engine answers on.
 pub const SUBJECT: &str = "ai.infer";

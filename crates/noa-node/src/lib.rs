@@ -276,6 +276,7 @@ impl Node {
                 parallel: config.count("infer.parallel") as u32,
             },
         );
+        engine.set_key_source(ai::key_source(kernel.store().clone()));
         ai::serve(kernel.bus().clone(), engine.clone()).map_err(|e| Error::DataDir {
             path: dir.clone(),
             message: format!("cannot serve {}: {e}", ai::SUBJECT),

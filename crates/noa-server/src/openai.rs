@@ -69,6 +69,20 @@ impl From<noa_infer::Error> for OpenAiError {
                 "server_error",
                 "model_load_failed",
             ),
+            // The remote's verdict on the request itself passes through; its key or its failure is ours (502).
+            I::Remote {
+                status: Some(s @ (400 | 404 | 409 | 413 | 422 | 429)),
+                ..
+            } => (
+                StatusCode::from_u16(*s).unwrap_or(StatusCode::BAD_GATEWAY),
+                if *s == 429 {
+                    "rate_limit_error"
+                } else {
+                    "invalid_request_error"
+                },
+                "remote_rejected",
+            ),
+            I::Remote { .. } => (StatusCode::BAD_GATEWAY, "server_error", "remote_failed"),
             _ => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "server_error",
@@ -102,6 +116,134 @@ impl From<noa_kernel::Error> for OpenAiError {
     }
 }
 
+/// What a request for a model says before it is read in full: which model, and whether to stream.
+enum Body<T> {
+    /// A remote model's request, to be sent on as it came (the remote judges the rest).
+    Remote(noa_infer::RemoteModel, Value, bool),
+    Local(T),
+}
+
+/// Reads a JSON request body. A remote model's request is kept as it came; any other is read into its typed
+/// form, with an error that names the field (`messages[0].role: invalid type ...`).
+fn parse_body<T: serde::de::DeserializeOwned>(
+    state: &AppState,
+    body: Result<Json<Value>, axum::extract::rejection::JsonRejection>,
+) -> Result<Body<T>, OpenAiError> {
+    let Json(raw) = body.map_err(|e| OpenAiError::bad(None, e.body_text()))?;
+    if !raw.is_object() {
+        return Err(OpenAiError::bad(None, "the body must be a JSON object"));
+    }
+    let model = raw["model"]
+        .as_str()
+        .ok_or_else(|| OpenAiError::bad(Some("model"), "model must be a string"))?;
+    if let Some(remote) = engine(state)?.remote(model)? {
+        let stream = match &raw["stream"] {
+            Value::Null => false,
+            Value::Bool(b) => *b,
+            _ => {
+                return Err(OpenAiError::bad(
+                    Some("stream"),
+                    "stream must be true or false",
+                ));
+            }
+        };
+        return Ok(Body::Remote(remote, raw, stream));
+    }
+    let req = serde_path_to_error::deserialize(&raw).map_err(|e| {
+        let path = e.path().to_string();
+        let param = (path != ".").then_some(path.as_str());
+        OpenAiError::bad(param, format!("{path}: {}", e.inner()))
+    })?;
+    Ok(Body::Local(req))
+}
+
+/// Sends a chat or completion request for a remote model on as it came, and its answer back as it comes, under
+/// the model's NOA name. Usage is counted from the remote's own figures.
+async fn proxy(
+    state: &AppState,
+    who: String,
+    remote: noa_infer::RemoteModel,
+    path: &'static str,
+    mut raw: Value,
+    stream: bool,
+) -> Result<Response, OpenAiError> {
+    let name = remote.name.clone();
+    let started = std::time::Instant::now();
+    let usage = move |u: &Value, ttft: Option<std::time::Duration>| {
+        let elapsed = started.elapsed();
+        let ttft = ttft.unwrap_or(elapsed);
+        let completion = u["completion_tokens"].as_u64().unwrap_or(0) as u32;
+        let secs = (elapsed - ttft).as_secs_f64();
+        noa_infer::Usage {
+            prompt_tokens: u["prompt_tokens"].as_u64().unwrap_or(0) as u32,
+            completion_tokens: completion,
+            finish_reason: String::new(),
+            ttft_ms: ttft.as_secs_f64() * 1000.0,
+            tokens_per_second: if secs > 0.0 {
+                completion.saturating_sub(1) as f64 / secs
+            } else {
+                0.0
+            },
+            cached_tokens: 0,
+        }
+    };
+    // Usage is asked for so it can be counted; a client that did not ask for it does not get it.
+    let client_wants_usage = raw["stream_options"]["include_usage"].as_bool() == Some(true);
+    if stream {
+        raw["stream_options"] = json!({ "include_usage": true });
+    }
+    let reply = engine(state)?
+        .remote_request(&remote, path, raw, stream)
+        .await?;
+    match reply {
+        noa_infer::Reply::Json(mut v) => {
+            v["model"] = json!(name);
+            state.http.record_usage(&who, &usage(&v["usage"], None));
+            Ok(Json(v).into_response())
+        }
+        noa_infer::Reply::Stream(rx) => {
+            use futures_util::StreamExt;
+            let http = state.http.clone();
+            let mut ttft = None;
+            let chunks = tokio_stream::wrappers::ReceiverStream::new(rx).filter_map(move |item| {
+                let out = match item {
+                    Ok(mut chunk) => {
+                        chunk["model"] = json!(name);
+                        if chunk["choices"].as_array().is_some_and(|c| !c.is_empty()) {
+                            ttft.get_or_insert_with(|| started.elapsed());
+                        }
+                        let counted = chunk.get("usage").is_some_and(Value::is_object);
+                        if counted {
+                            http.record_usage(&who, &usage(&chunk["usage"], ttft));
+                        }
+                        if counted && !client_wants_usage {
+                            if chunk["choices"].as_array().is_none_or(|c| c.is_empty()) {
+                                None
+                            } else {
+                                chunk.as_object_mut().map(|o| o.remove("usage"));
+                                Some(chunk.to_string())
+                            }
+                        } else {
+                            Some(chunk.to_string())
+                        }
+                    }
+                    Err(e) => Some(
+                        json!({ "error": { "message": e, "type": "server_error", "code": "remote_failed" } })
+                            .to_string(),
+                    ),
+                };
+                std::future::ready(out.map(|d| Ok::<_, std::convert::Infallible>(SseEvent::default().data(d))))
+            });
+            let done = futures_util::stream::once(std::future::ready(Ok(
+                SseEvent::default().data("[DONE]")
+            )));
+            Ok(Sse::new(chunks.chain(done))
+                .keep_alive(KeepAlive::default())
+                .into_response())
+        }
+    }
+}
+
 /// The models are asked as `ai.infer` is on the bus: the same policy decides for HTTP and bus callers.
 fn may_ask_models(state: &AppState, p: &Principal) -> Result<(), OpenAiError> {
     state.kernel.authorize(
@@ -130,10 +272,14 @@ pub async fn models(
     state
         .kernel
         .authorize(&p, Action::Read, &Resource::System, false)?;
-    let models = engine(&state)?.store().list()?;
-    let data: Vec<Value> = models
+    let store = engine(&state)?.store();
+    let data: Vec<Value> = store
+        .list()?
         .iter()
         .map(|m| json!({ "id": m.name, "object": "model", "created": m.added_ms / 1000, "owned_by": "noa" }))
+        .chain(store.remotes()?.iter().map(|m| {
+            json!({ "id": m.name, "object": "model", "created": m.added_ms / 1000, "owned_by": "remote" })
+        }))
         .collect();
     Ok(Json(json!({ "object": "list", "data": data })))
 }
@@ -498,9 +644,15 @@ async fn respond(
 pub async fn chat_completions(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,
-    body: Result<Json<ChatRequest>, axum::extract::rejection::JsonRejection>,
+    body: Result<Json<Value>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Response, OpenAiError> {
-    let Json(req) = body.map_err(|e| OpenAiError::bad(None, e.body_text()))?;
+    let req: ChatRequest = match parse_body(&state, body)? {
+        Body::Remote(remote, raw, stream) => {
+            may_ask_models(&state, &p)?;
+            return proxy(&state, p.id(), remote, "chat/completions", raw, stream).await;
+        }
+        Body::Local(req) => req,
+    };
     may_ask_models(&state, &p)?;
     let mut params = params(&req.sampling)?;
     let mut msgs = messages(&req)?;
@@ -769,9 +921,15 @@ fn async_stream(
 pub async fn completions(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,
-    body: Result<Json<CompletionRequest>, axum::extract::rejection::JsonRejection>,
+    body: Result<Json<Value>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Response, OpenAiError> {
-    let Json(req) = body.map_err(|e| OpenAiError::bad(None, e.body_text()))?;
+    let req: CompletionRequest = match parse_body(&state, body)? {
+        Body::Remote(remote, raw, stream) => {
+            may_ask_models(&state, &p)?;
+            return proxy(&state, p.id(), remote, "completions", raw, stream).await;
+        }
+        Body::Local(req) => req,
+    };
     may_ask_models(&state, &p)?;
     let mut params = params(&req.sampling)?;
     // OpenAI's default for plain completions.
@@ -801,6 +959,15 @@ fn generation_error(e: String) -> OpenAiError {
     }
     if let Some(m) = e.strip_prefix("NOTCHAT ") {
         return OpenAiError::bad(Some("model"), m);
+    }
+    if let Some(m) = e.strip_prefix("REMOTE ") {
+        return OpenAiError {
+            status: StatusCode::BAD_GATEWAY,
+            kind: "server_error",
+            code: "remote_failed",
+            param: None,
+            message: m.to_owned(),
+        };
     }
     match e.strip_prefix("CONTEXT ") {
         Some(m) => OpenAiError {
@@ -930,7 +1097,13 @@ pub async fn installed(
         .store()
         .list()
         .map_err(|e| crate::ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    Ok(Json(json!({ "models": models, "loaded": engine.loaded() })))
+    let remote = engine
+        .store()
+        .remotes()
+        .map_err(|e| crate::ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok(Json(
+        json!({ "models": models, "remote": remote, "loaded": engine.loaded() }),
+    ))
 }
 
 #[derive(Debug, Deserialize)]

@@ -454,10 +454,28 @@ pub enum ModelCommand {
         #[arg(long)]
         name: Option<String>,
     },
+    /// Use a model of an OpenAI-compatible endpoint (OpenAI, llama-server, vLLM, another noa) under a local name;
+    /// its API key stays in the secret store (`noa secret set`).
+    #[command(
+        name = "add-remote",
+        after_help = "Examples:\n  noa secret set openai_key\n  noa model add-remote gpt --url https://api.openai.com/v1 --remote-model gpt-4o-mini --secret openai_key\n  noa model add-remote lab --url http://10.0.0.5:8080/v1"
+    )]
+    AddRemote {
+        name: String,
+        /// The API's base URL, up to and including /v1.
+        #[arg(long)]
+        url: String,
+        /// The model's id at the remote end (default: NAME).
+        #[arg(long)]
+        remote_model: Option<String>,
+        /// The secret holding the API key, sent as a bearer token.
+        #[arg(long)]
+        secret: Option<String>,
+    },
     /// Metadata of an installed model: architecture, parameters, quantization, context, chat template, hashes.
     #[command(after_help = "Example:\n  noa model show smollm2")]
     Show { name: String },
-    /// Remove an installed model.
+    /// Remove an installed or remote model.
     #[command(after_help = "Example:\n  noa model rm mistral")]
     Rm { name: String },
     /// Load a model into the running daemon now; --pin keeps it loaded.

@@ -34,6 +34,7 @@ pub fn run(cli: Cli) -> CliResult<()> {
             c @ (crate::cli::ModelCommand::List
             | crate::cli::ModelCommand::Pull { .. }
             | crate::cli::ModelCommand::Add { .. }
+            | crate::cli::ModelCommand::AddRemote { .. }
             | crate::cli::ModelCommand::Show { .. }
             | crate::cli::ModelCommand::Rm { .. }),
         ) => return crate::infer::model_offline(&data_dir, c, json_out),

@@ -50,11 +50,12 @@ pub fn model_offline(data_dir: &Path, c: &ModelCommand, json_out: bool) -> CliRe
     match c {
         ModelCommand::List => {
             let models = store.list().map_err(fail)?;
+            let remote = store.remotes().map_err(fail)?;
             if json_out {
-                println!("{}", json!({ "models": models }));
+                println!("{}", json!({ "models": models, "remote": remote }));
                 return Ok(());
             }
-            if models.is_empty() {
+            if models.is_empty() && remote.is_empty() {
                 println!(
                     "no models installed; the catalog has: {} (noa model pull <name>)",
                     CATALOG
@@ -77,6 +78,16 @@ pub fn model_offline(data_dir: &Path, c: &ModelCommand, json_out: bool) -> CliRe
                         m.source.clone(),
                     ]
                 })
+                .chain(remote.iter().map(|r| {
+                    vec![
+                        r.name.clone(),
+                        "remote".into(),
+                        "-".into(),
+                        "-".into(),
+                        "-".into(),
+                        format!("{} ({})", r.url, r.model),
+                    ]
+                }))
                 .collect();
             table(
                 &["NAME", "ARCH", "QUANT", "SIZE", "CONTEXT", "SOURCE"],
@@ -102,7 +113,7 @@ pub fn model_offline(data_dir: &Path, c: &ModelCommand, json_out: bool) -> CliRe
                     info.source
                 );
             } else {
-                println!("{} is already installed (sha256 matches)", info.name);
+                println!("{} is already installed ({})", info.name, info.source);
             }
             Ok(())
         }
@@ -121,7 +132,68 @@ pub fn model_offline(data_dir: &Path, c: &ModelCommand, json_out: bool) -> CliRe
             }
             Ok(())
         }
+        ModelCommand::AddRemote {
+            name,
+            url,
+            remote_model,
+            secret,
+        } => {
+            let m = store
+                .add_remote(name, url, remote_model.as_deref(), secret.as_deref())
+                .map_err(fail)?;
+            let host = m
+                .url
+                .strip_prefix("http://")
+                .map(|rest| rest.split(['/', ':']).next().unwrap_or(""));
+            if m.secret.is_some()
+                && host.is_some_and(|h| !matches!(h, "127.0.0.1" | "localhost" | "[" | "::1"))
+            {
+                eprintln!(
+                    "warning: {} is plain http, so the key from the secret {} crosses the network unencrypted; use https for a remote host",
+                    m.url,
+                    m.secret.as_deref().unwrap_or_default()
+                );
+            }
+            if json_out {
+                println!("{}", json!({ "remote": m }));
+            } else {
+                println!(
+                    "{} now answers through {} (model {}{})",
+                    m.name,
+                    m.url,
+                    m.model,
+                    m.secret
+                        .as_deref()
+                        .map(|s| format!(", key from the secret {s}"))
+                        .unwrap_or_default()
+                );
+            }
+            Ok(())
+        }
         ModelCommand::Show { name } => {
+            if let Some(r) = store.remote(name).map_err(fail)? {
+                if json_out {
+                    println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+                } else {
+                    for (k, v) in [
+                        ("name", r.name.clone()),
+                        ("kind", "remote (OpenAI-compatible endpoint)".into()),
+                        ("url", r.url.clone()),
+                        ("remote model", r.model.clone()),
+                        (
+                            "key",
+                            r.secret
+                                .clone()
+                                .map(|s| format!("the secret {s}"))
+                                .unwrap_or_else(|| "none".into()),
+                        ),
+                        ("added", timestamp(r.added_ms)),
+                    ] {
+                        println!("{k:<15} {v}");
+                    }
+                }
+                return Ok(());
+            }
             let info = store.get(name).map_err(fail)?;
             if json_out {
                 println!(

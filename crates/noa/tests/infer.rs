@@ -560,3 +560,232 @@ fn tool_calls_follow_the_function_schemas() {
         assert_eq!(e["error"]["param"], param, "{e}");
     }
 }
+
+fn noa_stdin(d: &Daemon, args: &[&str], input: &[u8]) -> std::process::Output {
+    use std::io::Write;
+    let mut child = Command::new(noa_bin())
+        .args(args)
+        .env("NOA_DATA_DIR", &d.dir)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// The `data:` payloads of a streamed answer.
+fn stream(d: &Daemon, path: &str, body: &Value) -> Vec<String> {
+    let agent: ureq::Agent = ureq::Agent::config_builder().build().into();
+    let resp = agent
+        .post(format!("http://{}{path}", d.addr()))
+        .header("Authorization", format!("Bearer {}", d.token()))
+        .send_json(body)
+        .unwrap();
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    BufReader::new(resp.into_body().into_reader())
+        .lines()
+        .map(Result::unwrap)
+        .filter_map(|l| l.strip_prefix("data: ").map(str::to_owned))
+        .collect()
+}
+
+/// A remote model: daemon A serves the name `far` through daemon B's OpenAI-compatible API (a real endpoint
+/// with the bundled model), with B's token kept in A's secret store. The same answers come back under A's name,
+/// streamed and not, through HTTP, the bus and `noa ask`.
+#[test]
+fn a_remote_model_answers_by_name_through_its_endpoint() {
+    let b = daemon();
+    let a = Daemon::start();
+    let o = noa_stdin(&a, &["secret", "set", "b_token"], b.token().as_bytes());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let url = format!("http://{}/v1", b.addr());
+    let added = a.ok(&[
+        "model",
+        "add-remote",
+        "far",
+        "--url",
+        &url,
+        "--remote-model",
+        "smollm2",
+        "--secret",
+        "b_token",
+    ]);
+    assert!(added.contains("far") && added.contains(&url), "{added}");
+    let list = a.ok(&["model", "list"]);
+    assert!(list.contains("far") && list.contains("remote"), "{list}");
+    assert!(
+        a.ok(&["model", "show", "far"])
+            .contains("the secret b_token")
+    );
+    let models: Value = ureq::get(format!("http://{}/v1/models", a.addr()))
+        .header("Authorization", format!("Bearer {}", a.token()))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_json()
+        .unwrap();
+    assert!(
+        models["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["id"] == "far" && m["owned_by"] == "remote"),
+        "{models}"
+    );
+    // Not streamed: B's answer under A's name, the same as asking B directly.
+    let ask = |model: &str| {
+        json!({"model": model, "temperature": 0, "max_tokens": 12,
+               "messages": [{"role": "user", "content": "Name a color."}]})
+    };
+    let (s, direct) = post(&b, "/v1/chat/completions", &ask("smollm2"));
+    assert_eq!(s, 200, "{direct}");
+    let (s, v) = post(&a, "/v1/chat/completions", &ask("far"));
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["model"], "far");
+    let text = v["choices"][0]["message"]["content"].as_str().unwrap();
+    assert_eq!(
+        text,
+        direct["choices"][0]["message"]["content"].as_str().unwrap()
+    );
+    assert!(v["usage"]["completion_tokens"].as_u64().unwrap() >= 1);
+    // Streamed: chunks as they come, renamed; no usage chunk unless asked; the same text.
+    let mut body = ask("far");
+    body["stream"] = json!(true);
+    let chunks = stream(&a, "/v1/chat/completions", &body);
+    assert_eq!(
+        chunks.last().map(String::as_str),
+        Some("[DONE]"),
+        "{chunks:?}"
+    );
+    let mut streamed = String::new();
+    for c in &chunks[..chunks.len() - 1] {
+        let c: Value = serde_json::from_str(c).unwrap();
+        assert_eq!(c["model"], "far", "{c}");
+        assert!(c.get("usage").is_none_or(Value::is_null), "{c}");
+        streamed.push_str(c["choices"][0]["delta"]["content"].as_str().unwrap_or(""));
+    }
+    assert_eq!(streamed, text);
+    body["stream_options"] = json!({"include_usage": true});
+    let chunks = stream(&a, "/v1/chat/completions", &body);
+    let usage: Value = serde_json::from_str(&chunks[chunks.len() - 2]).unwrap();
+    assert!(
+        usage["usage"]["completion_tokens"].as_u64().unwrap() >= 1,
+        "{usage}"
+    );
+    // Sent on as it came: a seed the local model would refuse is the remote's to judge.
+    let mut odd = ask("far");
+    odd["seed"] = json!(-1);
+    let (s, v) = post(&a, "/v1/chat/completions", &odd);
+    assert_eq!(s, 400, "{v}");
+    assert_eq!(v["error"]["code"], "remote_rejected", "{v}");
+    // A plain completion and embeddings.
+    let (s, v) = post(
+        &a,
+        "/v1/completions",
+        &json!({"model": "far", "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}),
+    );
+    assert_eq!(s, 200, "{v}");
+    assert!(
+        v["choices"][0]["text"].as_str().unwrap().contains("Paris"),
+        "{v}"
+    );
+    let (s, v) = post(
+        &a,
+        "/v1/embeddings",
+        &json!({"model": "far", "input": ["a cat", "a dog"]}),
+    );
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["data"][1]["embedding"].as_array().unwrap().len(), 576);
+    // The bus and `noa ask`: the engine's own path to the remote.
+    let out = a.ok(&[
+        "req",
+        "ai.infer",
+        r#"{"model":"far","prompt":"Name a color.","max_tokens":12,"temperature":0}"#,
+        "--timeout",
+        "60s",
+    ]);
+    let v: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["text"].as_str().unwrap(), text, "{v}");
+    assert!(
+        v["usage"]["completion_tokens"].as_u64().unwrap() >= 1,
+        "{v}"
+    );
+    let out = a.ok(&[
+        "ask",
+        "--model",
+        "far",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "24",
+        "What is the capital of France?",
+    ]);
+    assert!(out.contains("Paris"), "{out}");
+    // Faults: a wrong key, a model the remote does not have, a secret that is not there, a remote that is gone.
+    noa_stdin(&a, &["secret", "set", "wrong"], b"not-the-token");
+    a.ok(&[
+        "model",
+        "add-remote",
+        "badkey",
+        "--url",
+        &url,
+        "--remote-model",
+        "smollm2",
+        "--secret",
+        "wrong",
+    ]);
+    a.ok(&[
+        "model",
+        "add-remote",
+        "ghost",
+        "--url",
+        &url,
+        "--secret",
+        "b_token",
+    ]);
+    a.ok(&[
+        "model",
+        "add-remote",
+        "nokey",
+        "--url",
+        &url,
+        "--remote-model",
+        "smollm2",
+        "--secret",
+        "absent",
+    ]);
+    a.ok(&[
+        "model",
+        "add-remote",
+        "gone",
+        "--url",
+        "http://127.0.0.1:9/v1",
+        "--remote-model",
+        "smollm2",
+    ]);
+    for (model, status, code, says) in [
+        ("badkey", 502, "remote_failed", "401"),
+        ("ghost", 404, "remote_rejected", "ghost"),
+        ("nokey", 502, "remote_failed", "no such secret: absent"),
+        ("gone", 502, "remote_failed", "127.0.0.1:9"),
+    ] {
+        let (s, e) = post(&a, "/v1/chat/completions", &ask(model));
+        assert_eq!(
+            (s, e["error"]["code"].as_str()),
+            (status, Some(code)),
+            "{model}: {e}"
+        );
+        let m = e["error"]["message"].as_str().unwrap();
+        assert!(m.contains(says) && m.contains(model), "{model}: {m}");
+    }
+    let o = a.noa(&["model", "load", "far"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("remote model"));
+    let o = a.noa(&["model", "add-remote", "x", "--url", "ftp://host/v1"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("http:// or https://"));
+    a.ok(&["model", "rm", "ghost"]);
+    assert!(!a.ok(&["model", "list"]).contains("ghost"));
+}
