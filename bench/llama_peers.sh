@@ -52,20 +52,34 @@ for _ in range(600):
             break
     except Exception:
         time.sleep(0.1)
-def one(i, out):
+def one(i, out, ttft):
+    # Streamed, so time to first token is seen as a client sees it; each streamed piece is one token.
     body = json.dumps({"messages": [{"role": "user", "content": f"Write a long story about a dragon who learns to code. ({i})"}],
-                       "max_tokens": 128, "temperature": 0, "ignore_eos": True}).encode()
+                       "max_tokens": 128, "temperature": 0, "ignore_eos": True, "stream": True}).encode()
+    begun = time.time()
     r = urllib.request.urlopen(urllib.request.Request(base + "/v1/chat/completions", body, {"Content-Type": "application/json"}))
-    out.append(json.load(r)["usage"]["completion_tokens"])
-rates = []
+    n = 0
+    for line in r:
+        line = line.decode().strip()
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            continue
+        chunk = json.loads(line[6:])
+        if any(c.get("delta", {}).get("content") for c in chunk.get("choices", [])):
+            if n == 0:
+                ttft.append((time.time() - begun) * 1000)
+            n += 1
+    out.append(n)
+rates, ttfts = [], []
 for rnd in range(3):
     out, ts = [], []
     t = time.time()
     for k in range(4):
-        th = threading.Thread(target=one, args=(100 + rnd * 4 + k, out)); th.start(); ts.append(th)
+        th = threading.Thread(target=one, args=(100 + rnd * 4 + k, out, ttfts)); th.start(); ts.append(th)
     for th in ts:
         th.join()
     rates.append(sum(out) / (time.time() - t))
 rates.sort()
-print(f"llama-server, 4 slots, 4 concurrent streams of 128 tokens over HTTP: aggregate {rates[1]:.1f} tokens/s (runs {', '.join(f'{r:.1f}' for r in rates)})")
+ttfts.sort()
+p50, p95 = ttfts[len(ttfts) // 2], ttfts[-(-len(ttfts) * 95 // 100) - 1]
+print(f"llama-server, 4 slots, 4 concurrent streams of 128 tokens over HTTP: aggregate {rates[1]:.1f} tokens/s (runs {', '.join(f'{r:.1f}' for r in rates)}); time to first token p50 {p50:.1f} ms, p95 {p95:.1f} ms")
 PY

@@ -128,31 +128,52 @@ fn main() {
         median(eng_ttft),
         median(raw_ttft)
     );
-    // Four streams at once: every round decodes one token of each in one batch.
+    // Four streams at once: every round decodes one token of each in one batch. Time to first token is taken
+    // from each request's start to its first piece of text, as a client sees it.
     let mut aggregate = Vec::new();
+    let mut ttfts = Vec::new();
     for round in 0..3 {
         let started = Instant::now();
-        let tokens: u32 = rt.block_on(async {
+        let results: Vec<(u32, f64)> = rt.block_on(async {
             let tasks: Vec<_> = (0..4)
                 .map(|k| {
                     let engine = engine.clone();
                     let msgs = ask(100 + round * 4 + k);
                     let params = params.clone();
-                    tokio::spawn(async move { engine.chat_text("smollm2", msgs, params).await })
+                    tokio::spawn(async move {
+                        let begun = Instant::now();
+                        let mut rx = engine.chat("smollm2", msgs, params).unwrap();
+                        let (mut first, mut n) = (None, 0);
+                        while let Some(ev) = rx.recv().await {
+                            match ev {
+                                noa_infer::Event::Text(_) => {
+                                    first.get_or_insert(begun.elapsed());
+                                }
+                                noa_infer::Event::Done(u) => n = u.completion_tokens,
+                                noa_infer::Event::Error(e) => panic!("{e}"),
+                            }
+                        }
+                        (n, first.unwrap().as_secs_f64() * 1000.0)
+                    })
                 })
                 .collect();
-            let mut n = 0;
+            let mut out = Vec::new();
             for t in tasks {
-                n += t.await.unwrap().unwrap().1.completion_tokens;
+                out.push(t.await.unwrap());
             }
-            n
+            out
         });
+        let tokens: u32 = results.iter().map(|r| r.0).sum();
+        ttfts.extend(results.iter().map(|r| r.1));
         aggregate.push(tokens as f64 / started.elapsed().as_secs_f64());
     }
     let a = median(aggregate);
+    ttfts.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let p95 = ttfts[(ttfts.len() * 95).div_ceil(100) - 1];
     println!(
-        "4 concurrent streams, {TOKENS} tokens each: aggregate {a:.1} tokens/s (prompt processing included) vs one stream {e:.1} tokens/s: {:.2}x; vs the C API's one stream {:.2}x",
+        "4 concurrent streams, {TOKENS} tokens each: aggregate {a:.1} tokens/s (prompt processing included) vs one stream {e:.1} tokens/s: {:.2}x; vs the C API's one stream {:.2}x; time to first token p50 {:.1} ms, p95 {p95:.1} ms",
         a / e,
-        a / r
+        a / r,
+        median(ttfts.clone()),
     );
 }
