@@ -33,6 +33,7 @@ bench: setup
 	$(CARGO) bench --locked -p noa-sandbox --bench spawn
 	$(CARGO) bench --locked -p noa-store --bench trust
 	$(CARGO) bench --locked -p noa-infer --bench generate
+	$(CARGO) bench --locked -p noa --bench api_overhead
 	$(CARGO) bench --locked -p noa-workflow --bench workflow
 	$(CARGO) build --release --locked -p noa
 	bench/llama_peers.sh
