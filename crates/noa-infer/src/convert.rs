@@ -180,8 +180,16 @@ fn config_u32(config: &Value, key: &str) -> Result<u32, String> {
         ))
 }
 
-/// The vocabulary as llama.cpp's WPM tokenizer reads it, and each token's type.
-fn vocabulary(tokenizer: &Value) -> Result<(Vec<String>, Vec<i32>, HashMap<String, u32>), String> {
+/// A vocabulary as llama.cpp's WPM tokenizer reads it: the tokens by id, each token's type, and the original
+/// text's id.
+struct Vocabulary {
+    tokens: Vec<String>,
+    types: Vec<i32>,
+    ids: HashMap<String, u32>,
+}
+
+/// The vocabulary of a WordPiece `tokenizer.json`.
+fn vocabulary(tokenizer: &Value) -> Result<Vocabulary, String> {
     let model = &tokenizer["model"];
     if model["type"].as_str() != Some("WordPiece") {
         return Err(format!(
@@ -232,7 +240,7 @@ fn vocabulary(tokenizer: &Value) -> Result<(Vec<String>, Vec<i32>, HashMap<Strin
             types.push(1); // normal
         }
     }
-    Ok((tokens, types, ids))
+    Ok(Vocabulary { tokens, types, ids })
 }
 
 /// Writes the GGUF form of a sentence-transformers BERT model.
@@ -276,7 +284,7 @@ pub fn bert_to_gguf(files: &BertFiles, name: &str, out: &mut impl Write) -> Resu
     };
     let tokenizer: Value = serde_json::from_slice(files.tokenizer)
         .map_err(|e| format!("tokenizer.json is not JSON: {e}"))?;
-    let (tokens, types, ids) = vocabulary(&tokenizer)?;
+    let Vocabulary { tokens, types, ids } = vocabulary(&tokenizer)?;
     let id = |t: &str| {
         ids.get(t)
             .copied()
@@ -515,7 +523,8 @@ mod tests {
     #[test]
     fn wordpiece_tokens_are_written_the_way_the_wpm_tokenizer_matches_them() {
         let (_, tokenizer, _) = tiny();
-        let (tokens, types, _) = vocabulary(&serde_json::from_slice(&tokenizer).unwrap()).unwrap();
+        let Vocabulary { tokens, types, .. } =
+            vocabulary(&serde_json::from_slice(&tokenizer).unwrap()).unwrap();
         assert_eq!(&tokens[..3], ["[PAD]", "[UNK]", "[CLS]"]);
         assert_eq!(&tokens[5..], ["\u{2581}cat", "s", "\u{2581}kit"]);
         assert_eq!(types, [3, 3, 3, 3, 3, 1, 1, 1]);
