@@ -76,6 +76,8 @@ pub struct GenerateParams {
     pub stop: Vec<String>,
     /// A GBNF grammar (root rule `root`) the output must follow; see [`crate::grammar`].
     pub grammar: Option<String>,
+    /// OpenAI-shaped tools, given to a chat template that takes them ([`Engine::takes_tools`]).
+    pub tools: Option<serde_json::Value>,
 }
 
 impl Default for GenerateParams {
@@ -90,6 +92,7 @@ impl Default for GenerateParams {
             seed: 0xC0FFEE,
             stop: Vec::new(),
             grammar: None,
+            tools: None,
         }
     }
 }
@@ -240,6 +243,16 @@ impl Engine {
     /// Sets how the API keys of remote models are read.
     pub fn set_key_source(&self, keys: crate::KeySource) {
         *self.inner.keys.write().unwrap_or_else(|e| e.into_inner()) = Some(keys);
+    }
+
+    /// Whether `model`'s chat template lays out tools itself (then they go to it instead of a system message).
+    pub fn takes_tools(&self, model: &str) -> bool {
+        self.inner
+            .store
+            .get(model)
+            .ok()
+            .and_then(|i| i.chat_template)
+            .is_some_and(|t| t.contains("tools"))
     }
 
     /// The remote model named `name`, if it is one.
@@ -685,24 +698,56 @@ fn common_prefix(a: &[LlamaToken], b: &[LlamaToken]) -> usize {
 
 fn prompt_text(
     model: &LlamaModel,
+    jinja: Option<&crate::template::ChatTemplate>,
     template: Option<&llama_cpp_2::model::LlamaChatTemplate>,
     messages: &[ChatMessage],
     raw_prompt: Option<String>,
+    tools: Option<&serde_json::Value>,
 ) -> std::result::Result<String, String> {
     if let Some(p) = raw_prompt {
         return Ok(p);
     }
-    match template {
-        Some(t) => {
-            let chat: Vec<LlamaChatMessage> = messages
-                .iter()
-                .map(|m| LlamaChatMessage::new(m.role.clone(), m.content.clone()))
-                .collect::<std::result::Result<_, _>>()
-                .map_err(|e| format!("a message holds a NUL byte: {e}"))?;
-            model
-                .apply_chat_template(t, &chat, true)
-                .map_err(|e| format!("the chat template failed: {e}"))
+    // The model's Jinja template itself, rendered as transformers and llama-server do, when the request has
+    // tools and the template lays them out. Otherwise llama.cpp's rendering of the formats it knows (which
+    // leaves out defaults some templates add, such as a stock system prompt), and the Jinja template for a
+    // format it does not know.
+    let render_jinja = |tools: Option<&serde_json::Value>| {
+        let j = jinja.ok_or_else(|| "the model has no chat template".to_owned())?;
+        let list: Vec<serde_json::Value> = messages
+            .iter()
+            .map(|m| serde_json::json!({ "role": m.role, "content": m.content }))
+            .collect();
+        let text = j.render(&serde_json::Value::Array(list), tools)?;
+        // A template that prints the BOS token itself would get a second one from the tokenizer.
+        let vocab = model.vocab();
+        let bos = vocab
+            .text(vocab.bos())
+            .map(|c| c.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        Ok::<_, String>(match text.strip_prefix(bos.as_str()) {
+            Some(rest) if !bos.is_empty() && vocab.should_add_bos() => rest.to_owned(),
+            _ => text,
+        })
+    };
+    if let Some(tools) = tools.filter(|_| jinja.is_some_and(|j| j.takes_tools())) {
+        match render_jinja(Some(tools)) {
+            Ok(text) => return Ok(text),
+            Err(e) => tracing::warn!("The chat template cannot lay out the tools: {e}."),
         }
+    }
+    let builtin = template.map(|t| {
+        let chat: Vec<LlamaChatMessage> = messages
+            .iter()
+            .map(|m| LlamaChatMessage::new(m.role.clone(), m.content.clone()))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| format!("a message holds a NUL byte: {e}"))?;
+        model
+            .apply_chat_template(t, &chat, true)
+            .map_err(|e| format!("the chat template failed: {e}"))
+    });
+    match builtin {
+        Some(Ok(text)) => Ok(text),
+        Some(Err(e)) => render_jinja(None).map_err(|j| format!("{e}; {j}")),
         None => {
             let mut p = String::new();
             for m in messages {
@@ -858,6 +903,18 @@ fn worker(
         }
     };
     let template = model.chat_template(None).ok();
+    let jinja = info.chat_template.as_deref().and_then(|source| {
+        let vocab = model.vocab();
+        let text = |t| {
+            vocab
+                .text(t)
+                .map(|c| c.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        };
+        crate::template::ChatTemplate::new(source, &text(vocab.bos()), &text(vocab.eos()))
+            .inspect_err(|e| tracing::warn!(model = %info.name, "{e}; llama.cpp's built-in formats are used."))
+            .ok()
+    });
     // Embeddings need a context of their own (pooled outputs); made on the first embedding request.
     let embed_ctx_len = n_ctx.min(2048);
     let mut embed_ctx: Option<llama_cpp_2::context::LlamaContext<'_>> = None;
@@ -940,7 +997,14 @@ fn worker(
                         break;
                     }
                     let started = Instant::now();
-                    let prepared = prompt_text(&model, template.as_ref(), &messages, raw_prompt)
+                    let prepared = prompt_text(
+                        &model,
+                        jinja.as_ref(),
+                        template.as_ref(),
+                        &messages,
+                        raw_prompt,
+                        params.tools.as_ref(),
+                    )
                         .and_then(|p| {
                             let tokens = vocab.tokenize(p.as_bytes(), true, true);
                             if tokens.is_empty() {

@@ -11,6 +11,7 @@ pub mod gguf;
 pub mod grammar;
 pub mod models;
 pub mod remote;
+pub mod template;
 
 pub use engine::{
     ChatMessage, Embeddings, Engine, EngineOptions, Event, GenerateParams, LoadedInfo, Usage,

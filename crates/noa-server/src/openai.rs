@@ -666,7 +666,12 @@ pub async fn chat_completions(
             ));
         }
         params.grammar = Some(tools.grammar.clone());
-        let instructions = tools.instructions();
+        // A model whose chat template lays out tools gets them in its own format, from the template.
+        let by_template = engine(&state)?.takes_tools(&req.model);
+        if by_template {
+            params.tools = req.tools.clone().map(Value::Array);
+        }
+        let instructions = tools.instructions(by_template);
         match msgs.first_mut() {
             Some(m) if m.role == "system" => {
                 m.content = format!("{}\n\n{instructions}", m.content);
@@ -705,12 +710,17 @@ struct Tools {
 }
 
 impl Tools {
-    fn instructions(&self) -> String {
-        let mut s = String::from("You can call these tools:\n");
-        for (name, description, params) in &self.functions {
-            s.push_str(&format!(
-                "- {name}: {description} Arguments (JSON schema): {params}\n"
-            ));
+    /// What the model is told: the tools (unless its chat template lays them out itself) and the answer's shape,
+    /// which the grammar holds it to.
+    fn instructions(&self, listed_by_template: bool) -> String {
+        let mut s = String::new();
+        if !listed_by_template {
+            s.push_str("You can call these tools:\n");
+            for (name, description, params) in &self.functions {
+                s.push_str(&format!(
+                    "- {name}: {description} Arguments (JSON schema): {params}\n"
+                ));
+            }
         }
         s.push_str(
             "To call tools, reply with only JSON: {\"tool_calls\": [{\"name\": \"<tool>\", \"arguments\": {...}}]}.",
@@ -1168,7 +1178,7 @@ mod tool_tests {
         assert!(!t.grammar.contains("{0,20}"), "{}", t.grammar);
         assert!(t.grammar.contains(r#""\"f\"""#), "{}", t.grammar);
         assert!(!t.grammar.contains("( \",\" ws call )*"), "{}", t.grammar);
-        assert!(t.instructions().contains("- f: "));
+        assert!(t.instructions(false).contains("- f: ") && !t.instructions(true).contains("- f: "));
         let none = req(json!({ "model": "m", "messages": [], "tools": [], "tool_choice": "none" }));
         assert!(tool_mode(&none).unwrap().is_none());
     }
