@@ -81,6 +81,36 @@ pub fn check_secret_name(name: &str) -> Result<()> {
 const MAX_LINE: u64 = 4 << 20;
 const MAX_BODY: u64 = 64 << 20;
 
+/// Most requests to remote models in flight at once: each holds a thread while it waits on the remote.
+const MAX_IN_FLIGHT: usize = 256;
+static IN_FLIGHT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// A place among the remote requests in flight, given back when dropped (when the request has ended).
+struct Permit;
+
+impl Permit {
+    fn take(m: &RemoteModel) -> Result<Permit> {
+        use std::sync::atomic::Ordering;
+        if IN_FLIGHT.fetch_add(1, Ordering::SeqCst) >= MAX_IN_FLIGHT {
+            IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
+            return Err(remote_error(
+                m,
+                Some(429),
+                format!(
+                    "{MAX_IN_FLIGHT} requests to remote models are in flight already; try again shortly"
+                ),
+            ));
+        }
+        Ok(Permit)
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        IN_FLIGHT.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 fn remote_error(m: &RemoteModel, status: Option<u16>, message: String) -> Error {
     Error::Remote {
         name: m.name.clone(),
@@ -242,6 +272,7 @@ pub async fn send(
     if path != "embeddings" {
         body["stream"] = json!(stream);
     }
+    let permit = Permit::take(&m)?;
     let (m2, body2) = (m.clone(), body);
     let resp = tokio::task::spawn_blocking(move || open(&m2, key.as_deref(), path, &body2))
         .await
@@ -273,6 +304,7 @@ pub async fn send(
     std::thread::Builder::new()
         .name("noa-remote-stream".into())
         .spawn(move || {
+            let _permit = permit;
             let result = pump(&m, resp, |chunk| tx.blocking_send(Ok(chunk)).is_ok());
             if let Err(e) = result {
                 let _ = tx.blocking_send(Err(e.to_string()));
@@ -291,9 +323,17 @@ pub(crate) fn generate(
     events: tmpsc::Sender<crate::Event>,
 ) {
     use crate::Event;
+    let permit = match Permit::take(&m) {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = events.try_send(Event::Error(format!("REMOTE {e}")));
+            return;
+        }
+    };
     let _ = std::thread::Builder::new()
         .name("noa-remote".into())
         .spawn(move || {
+            let _permit = permit;
             let started = std::time::Instant::now();
             let path = if chat {
                 "chat/completions"
@@ -408,6 +448,27 @@ pub(crate) async fn embed(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn remote_requests_in_flight_are_bounded() {
+        let m = RemoteModel {
+            name: "far".into(),
+            url: "http://127.0.0.1:9/v1".into(),
+            model: "x".into(),
+            secret: None,
+            added_ms: 0,
+        };
+        let held: Vec<Permit> = (0..MAX_IN_FLIGHT)
+            .map_while(|_| Permit::take(&m).ok())
+            .collect();
+        let e = Permit::take(&m)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("in flight already"), "{e}");
+        drop(held);
+        assert!(Permit::take(&m).is_ok());
+    }
 
     #[test]
     fn urls_are_checked() {
