@@ -118,6 +118,34 @@ pub struct Usage {
     pub cached_tokens: u32,
 }
 
+impl Usage {
+    /// Token counts with the timings derived from them: `elapsed` since the request began, `ttft` to its first
+    /// text (the whole time when none came), and the speed of the tokens after the first.
+    pub fn measured(
+        prompt_tokens: u32,
+        completion_tokens: u32,
+        finish_reason: String,
+        elapsed: Duration,
+        ttft: Option<Duration>,
+        cached_tokens: u32,
+    ) -> Usage {
+        let ttft = ttft.unwrap_or(elapsed).min(elapsed);
+        let gen_secs = (elapsed - ttft).as_secs_f64();
+        Usage {
+            prompt_tokens,
+            completion_tokens,
+            finish_reason,
+            ttft_ms: ttft.as_secs_f64() * 1000.0,
+            tokens_per_second: if gen_secs > 0.0 {
+                completion_tokens.saturating_sub(1) as f64 / gen_secs
+            } else {
+                0.0
+            },
+            cached_tokens,
+        }
+    }
+}
+
 enum Job {
     Chat {
         messages: Vec<ChatMessage>,
@@ -719,13 +747,8 @@ fn prompt_text(
             .collect();
         let text = j.render(&serde_json::Value::Array(list), tools)?;
         // A template that prints the BOS token itself would get a second one from the tokenizer.
-        let vocab = model.vocab();
-        let bos = vocab
-            .text(vocab.bos())
-            .map(|c| c.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        Ok::<_, String>(match text.strip_prefix(bos.as_str()) {
-            Some(rest) if !bos.is_empty() && vocab.should_add_bos() => rest.to_owned(),
+        Ok::<_, String>(match text.strip_prefix(j.bos()) {
+            Some(rest) if !j.bos().is_empty() && model.vocab().should_add_bos() => rest.to_owned(),
             _ => text,
         })
     };
@@ -819,21 +842,14 @@ fn finish(mut a: Active, outcome: std::result::Result<&str, String>) {
                     .events
                     .blocking_send(Event::Text(a.text[a.sent..].to_owned()));
             }
-            let elapsed = a.started.elapsed();
-            let ttft = a.ttft.unwrap_or(elapsed);
-            let gen_secs = (elapsed - ttft.min(elapsed)).as_secs_f64();
-            Event::Done(Usage {
-                prompt_tokens: a.prompt.len() as u32,
-                completion_tokens: a.produced,
-                finish_reason: reason.into(),
-                ttft_ms: ttft.as_secs_f64() * 1000.0,
-                tokens_per_second: if gen_secs > 0.0 {
-                    (a.produced.saturating_sub(1)) as f64 / gen_secs
-                } else {
-                    0.0
-                },
-                cached_tokens: a.reused as u32,
-            })
+            Event::Done(Usage::measured(
+                a.prompt.len() as u32,
+                a.produced,
+                reason.into(),
+                a.started.elapsed(),
+                a.ttft,
+                a.reused as u32,
+            ))
         }
         Err(e) => Event::Error(e),
     };

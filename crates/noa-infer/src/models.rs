@@ -490,7 +490,8 @@ impl ModelStore {
         }
         let url = crate::remote::check_url(url)?;
         if let Some(s) = secret {
-            crate::remote::check_secret_name(s)?;
+            noa_types::check_secret_name(s)
+                .map_err(|m| Error::BadRequest(format!("secret {s:?}: a secret name {m}")))?;
         }
         let model = crate::RemoteModel {
             name: name.to_owned(),

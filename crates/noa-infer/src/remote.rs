@@ -62,21 +62,6 @@ pub fn check_url(url: &str) -> Result<String> {
     Ok(url.trim_end_matches('/').to_owned())
 }
 
-/// Checks a secret name by the secret store's rule (letters, digits, `_`, `.`, `-`; 1 to 128 characters).
-pub fn check_secret_name(name: &str) -> Result<()> {
-    if name.is_empty()
-        || name.len() > 128
-        || !name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
-    {
-        return Err(Error::BadRequest(format!(
-            "secret {name:?}: a secret name is 1 to 128 letters, digits, '_', '.' or '-'"
-        )));
-    }
-    Ok(())
-}
-
 /// Longest line of an event stream, and largest JSON body, accepted from a remote.
 const MAX_LINE: u64 = 4 << 20;
 const MAX_BODY: u64 = 64 << 20;
@@ -386,23 +371,15 @@ pub(crate) fn generate(
                 let _ = events.blocking_send(Event::Error(format!("REMOTE {e}")));
                 return;
             }
-            let elapsed = started.elapsed();
-            let ttft = ttft.unwrap_or(elapsed);
             // Without a usage chunk, each streamed piece is counted as a token.
-            let completion = completion.unwrap_or(pieces);
-            let gen_secs = (elapsed - ttft).as_secs_f64();
-            let _ = events.blocking_send(Event::Done(crate::Usage {
-                prompt_tokens: prompt,
-                completion_tokens: completion,
-                finish_reason: finish,
-                ttft_ms: ttft.as_secs_f64() * 1000.0,
-                tokens_per_second: if gen_secs > 0.0 {
-                    completion.saturating_sub(1) as f64 / gen_secs
-                } else {
-                    0.0
-                },
-                cached_tokens: 0,
-            }));
+            let _ = events.blocking_send(Event::Done(crate::Usage::measured(
+                prompt,
+                completion.unwrap_or(pieces),
+                finish,
+                started.elapsed(),
+                ttft,
+                0,
+            )));
         });
 }
 

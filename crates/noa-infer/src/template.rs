@@ -24,42 +24,17 @@ impl std::fmt::Debug for ChatTemplate {
     }
 }
 
-/// Today's date in the form templates ask `strftime_now` for (`%d %b %Y`, `%Y-%m-%d`, …), in UTC.
-fn strftime_now(format: String) -> String {
-    let days = (noa_types::now_ms() / 86_400_000) as i64;
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
-    const FULL: [&str; 12] = [
-        "January",
-        "February",
-        "March",
-        "April",
-        "May",
-        "June",
-        "July",
-        "August",
-        "September",
-        "October",
-        "November",
-        "December",
-    ];
-    format
-        .replace("%d", &format!("{day:02}"))
-        .replace("%m", &format!("{month:02}"))
-        .replace("%Y", &year.to_string())
-        .replace("%B", FULL[(month - 1) as usize])
-        .replace("%b", MONTHS[(month - 1) as usize])
+/// The current time (UTC) in a strftime `format`, for templates that print today's date.
+fn strftime_now(format: String) -> Result<String, Error> {
+    use std::fmt::Write;
+    let mut out = String::new();
+    write!(out, "{}", chrono::Utc::now().format(&format)).map_err(|_| {
+        Error::new(
+            ErrorKind::InvalidOperation,
+            format!("strftime_now: {format:?} is not a strftime format"),
+        )
+    })?;
+    Ok(out)
 }
 
 impl ChatTemplate {
@@ -94,6 +69,11 @@ impl ChatTemplate {
 
     pub fn takes_tools(&self) -> bool {
         self.takes_tools
+    }
+
+    /// The model's BOS token as text (what a template prints for `bos_token`).
+    pub fn bos(&self) -> &str {
+        &self.bos
     }
 
     /// Renders `messages` (`{"role", "content"}` objects) with the prompt for the assistant's turn, and `tools`

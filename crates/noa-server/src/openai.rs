@@ -123,10 +123,12 @@ enum Body<T> {
     Local(T),
 }
 
-/// Reads a JSON request body. A remote model's request is kept as it came; any other is read into its typed
-/// form, with an error that names the field (`messages[0].role: invalid type ...`).
+/// Reads a JSON request body of a principal that may ask the models. A remote model's request is kept as it
+/// came; any other is read into its typed form, with an error that names the field
+/// (`messages[0].role: invalid type ...`).
 fn parse_body<T: serde::de::DeserializeOwned>(
     state: &AppState,
+    p: &Principal,
     body: Result<Json<Value>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Body<T>, OpenAiError> {
     let Json(raw) = body.map_err(|e| OpenAiError::bad(None, e.body_text()))?;
@@ -137,6 +139,7 @@ fn parse_body<T: serde::de::DeserializeOwned>(
         .as_str()
         .ok_or_else(|| OpenAiError::bad(Some("model"), "model must be a string"))?;
     if let Some(remote) = engine(state)?.remote(model)? {
+        may_ask_models(state, p)?;
         let stream = match &raw["stream"] {
             Value::Null => false,
             Value::Bool(b) => *b,
@@ -154,6 +157,7 @@ fn parse_body<T: serde::de::DeserializeOwned>(
         let param = (path != ".").then_some(path.as_str());
         OpenAiError::bad(param, format!("{path}: {}", e.inner()))
     })?;
+    may_ask_models(state, p)?;
     Ok(Body::Local(req))
 }
 
@@ -170,22 +174,15 @@ async fn proxy(
     let name = remote.name.clone();
     let started = std::time::Instant::now();
     let usage = move |u: &Value, ttft: Option<std::time::Duration>| {
-        let elapsed = started.elapsed();
-        let ttft = ttft.unwrap_or(elapsed);
-        let completion = u["completion_tokens"].as_u64().unwrap_or(0) as u32;
-        let secs = (elapsed - ttft).as_secs_f64();
-        noa_infer::Usage {
-            prompt_tokens: u["prompt_tokens"].as_u64().unwrap_or(0) as u32,
-            completion_tokens: completion,
-            finish_reason: String::new(),
-            ttft_ms: ttft.as_secs_f64() * 1000.0,
-            tokens_per_second: if secs > 0.0 {
-                completion.saturating_sub(1) as f64 / secs
-            } else {
-                0.0
-            },
-            cached_tokens: 0,
-        }
+        let count = |k: &str| u[k].as_u64().unwrap_or(0) as u32;
+        noa_infer::Usage::measured(
+            count("prompt_tokens"),
+            count("completion_tokens"),
+            String::new(),
+            started.elapsed(),
+            ttft,
+            0,
+        )
     };
     // Usage is asked for so it can be counted; a client that did not ask for it does not get it.
     let client_wants_usage = raw["stream_options"]["include_usage"].as_bool() == Some(true);
@@ -646,14 +643,12 @@ pub async fn chat_completions(
     Extension(p): Extension<Principal>,
     body: Result<Json<Value>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Response, OpenAiError> {
-    let req: ChatRequest = match parse_body(&state, body)? {
+    let req: ChatRequest = match parse_body(&state, &p, body)? {
         Body::Remote(remote, raw, stream) => {
-            may_ask_models(&state, &p)?;
             return proxy(&state, p.id(), remote, "chat/completions", raw, stream).await;
         }
         Body::Local(req) => req,
     };
-    may_ask_models(&state, &p)?;
     let mut params = params(&req.sampling)?;
     let mut msgs = messages(&req)?;
     let tools = tool_mode(&req)?;
@@ -933,14 +928,12 @@ pub async fn completions(
     Extension(p): Extension<Principal>,
     body: Result<Json<Value>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Response, OpenAiError> {
-    let req: CompletionRequest = match parse_body(&state, body)? {
+    let req: CompletionRequest = match parse_body(&state, &p, body)? {
         Body::Remote(remote, raw, stream) => {
-            may_ask_models(&state, &p)?;
             return proxy(&state, p.id(), remote, "completions", raw, stream).await;
         }
         Body::Local(req) => req,
     };
-    may_ask_models(&state, &p)?;
     let mut params = params(&req.sampling)?;
     // OpenAI's default for plain completions.
     if req.sampling.max_tokens.is_none() {

@@ -88,20 +88,10 @@ pub fn retired_key_path(key_file: &Path, key_id: &str) -> PathBuf {
 
 /// Checks a secret name: 1 to 128 of `A-Z a-z 0-9 _ . -`.
 pub fn validate_secret_name(name: &str) -> Result<()> {
-    let err = |m: &str| Error::SecretName {
+    noa_types::check_secret_name(name).map_err(|m| Error::SecretName {
         name: name.chars().take(140).collect(),
         message: m.into(),
-    };
-    if name.is_empty() || name.len() > 128 {
-        return Err(err("must be 1 to 128 characters"));
-    }
-    if !name
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
-    {
-        return Err(err("may hold only letters, digits, '_', '.' and '-'"));
-    }
-    Ok(())
+    })
 }
 
 /// A stored process spec with its registry order and the OS process it last ran as.

@@ -31,6 +31,20 @@ impl fmt::Display for Pid {
     }
 }
 
+/// Checks a secret name: 1 to 128 letters, digits, `_`, `.` or `-`. The error says what is wrong.
+pub fn check_secret_name(name: &str) -> std::result::Result<(), &'static str> {
+    if name.is_empty() || name.len() > 128 {
+        return Err("must be 1 to 128 characters");
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+    {
+        return Err("may hold only letters, digits, '_', '.' and '-'");
+    }
+    Ok(())
+}
+
 /// The longest process name accepted.
 pub const MAX_NAME_LEN: usize = 64;
 
