@@ -91,14 +91,14 @@ async fn read_inner(
         );
     }
     if let Namespace::Host { .. } = path.namespace() {
-        let host = store.host_path(&path, false)?;
-        if std::fs::symlink_metadata(&host).is_ok_and(|m| m.is_dir()) {
-            let entries = store.fs_list(&path)?;
+        let entry = store.host_entry(&path, false)?;
+        if entry.is_dir() {
+            let entries = entry.list()?;
             return Ok(
                 Json(json!({ "path": path.to_string(), "entries": entries })).into_response(),
             );
         }
-        let (file, size) = store.host_open(&path)?;
+        let (file, size) = entry.open_read()?;
         let body = stream_body(move |send| {
             use std::io::Read;
             let mut file = file;
@@ -283,7 +283,7 @@ pub async fn put(
         check(&state, &p, Action::WriteFile, &path)?;
         match path.namespace() {
             Namespace::Host { .. } => {
-                store.host_path(&path, true)?;
+                store.host_entry(&path, true)?;
             }
             _ => {
                 path.stored_file()?;
@@ -337,16 +337,8 @@ pub async fn delete(
     check(&state, &p, Action::WriteFile, &path)?;
     let store = state.kernel.store();
     if let Namespace::Host { .. } = path.namespace() {
-        let host = store.host_path(&path, true)?;
-        let result = std::fs::remove_file(&host).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => noa_store::Error::NotFound {
-                path: path.to_string(),
-            },
-            _ => noa_store::Error::Host {
-                path: path.to_string(),
-                message: e.to_string(),
-            },
-        });
+        let entry = store.host_entry(&path, true)?;
+        let result = entry.remove();
         store
             .audit_durable(noa_store::AuditRecord::new(
                 p.id(),

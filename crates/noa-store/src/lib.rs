@@ -13,6 +13,7 @@ pub mod audit;
 pub mod backup;
 pub mod crypto;
 mod error;
+pub mod host;
 mod keyring;
 mod migrations;
 pub mod vfs;
@@ -22,6 +23,7 @@ mod writer;
 pub use audit::{AuditEntry, AuditQuery, AuditRecord, AuditReport};
 pub use crypto::KeySource;
 pub use error::{Error, Result};
+pub use host::{HostEntry, HostWrite};
 pub use vfs::{DirEntry, FileInfo, FileReader, FsOp, Mount, Namespace, Quotas, StagedBlob, VPath};
 pub use workflows::{RegisteredWorkflow, RunEvent, RunQuery, RunRecord};
 
@@ -55,20 +57,6 @@ impl StoreOptions {
             checkpoint_every: 1000,
             quotas: Quotas::default(),
         }
-    }
-}
-
-/// A host file being written: a temporary file beside its destination.
-#[derive(Debug)]
-pub struct HostWrite {
-    tmp: tempfile::NamedTempFile,
-    dest: PathBuf,
-    shown: String,
-}
-
-impl HostWrite {
-    pub fn file(&mut self) -> &mut std::fs::File {
-        self.tmp.as_file_mut()
     }
 }
 
@@ -393,7 +381,9 @@ impl Store {
             Namespace::Root | Namespace::Stored(_) => {
                 vfs::list_stored(&self.reader(), path.as_str())
             }
-            Namespace::Host { mount, rest } => vfs::list_host(&self.mount_named(mount)?, rest),
+            Namespace::Host { mount, rest } => {
+                HostEntry::resolve(&self.mount_named(mount)?, rest, false)?.list()
+            }
         }
     }
 
@@ -533,8 +523,9 @@ impl Store {
         .map(|_| ())
     }
 
-    /// The host file a `/host/...` path names (no symlinks followed, never outside the mount).
-    pub fn host_path(&self, path: &VPath, for_write: bool) -> Result<PathBuf> {
+    /// The host entry a `/host/...` path names: its folder opened without following a link at any step
+    /// (see [`host`]). With `for_write`, the mount must be writable and missing folders on the way are made.
+    pub fn host_entry(&self, path: &VPath, for_write: bool) -> Result<HostEntry> {
         let Namespace::Host { mount, rest } = path.namespace() else {
             return Err(Error::Path {
                 path: path.to_string(),
@@ -547,83 +538,40 @@ impl Store {
                 path: path.to_string(),
             });
         }
-        if rest.is_empty() {
+        if rest.is_empty() && for_write {
             return Err(Error::Path {
                 path: path.to_string(),
                 message: "is the mount itself, not a file".into(),
             });
         }
-        vfs::host_resolve(&m, rest, for_write)
+        HostEntry::resolve(&m, rest, for_write)
     }
 
-    /// Opens a host file for reading: never through a symlink at its last component (O_NOFOLLOW), never blocking
-    /// on a FIFO (O_NONBLOCK), and only if it is a regular file. Returns the file and its size.
+    /// Opens a host file for reading (see [`HostEntry::open_read`]). Returns the file and its size.
     pub fn host_open(&self, path: &VPath) -> Result<(std::fs::File, u64)> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let host = self.host_path(path, false)?;
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-            .open(&host)
-            .map_err(|e| match e.kind() {
-                std::io::ErrorKind::NotFound => Error::NotFound {
-                    path: path.to_string(),
-                },
-                _ => Error::Host {
-                    path: path.to_string(),
-                    message: e.to_string(),
-                },
-            })?;
-        let meta = file.metadata().map_err(|e| Error::Host {
-            path: path.to_string(),
-            message: e.to_string(),
-        })?;
-        if !meta.is_file() {
-            return Err(Error::Host {
-                path: path.to_string(),
-                message: "not a regular file".into(),
-            });
-        }
-        Ok((file, meta.len()))
+        self.host_entry(path, false)?.open_read()
     }
 
-    /// Starts writing a host file: a new temporary file (random name, created exclusively) in the target's
-    /// folder. Write to it, then [`Store::host_commit`] it.
+    /// Starts writing a host file: a new temporary file beside it. Write to it, then
+    /// [`Store::host_commit`] it.
     pub fn host_create(&self, path: &VPath) -> Result<HostWrite> {
-        let dest = self.host_path(path, true)?;
-        let dir = dest.parent().unwrap_or(Path::new("/")).to_owned();
-        let tmp = tempfile::Builder::new()
-            .prefix(".noa-")
-            .tempfile_in(&dir)
-            .map_err(|e| Error::Host {
-                path: path.to_string(),
-                message: e.to_string(),
-            })?;
-        Ok(HostWrite {
-            tmp,
-            dest,
-            shown: path.to_string(),
-        })
+        self.host_entry(path, true)?.create()
     }
 
     /// Makes a host write durable and puts it in place (replacing the file, or a link at its name, never
     /// writing through one), then audits it.
     pub async fn host_commit(&self, principal: &str, w: HostWrite) -> Result<u64> {
-        let HostWrite { tmp, dest, shown } = w;
-        let host_err = |e: std::io::Error| Error::Host {
-            path: shown.clone(),
-            message: e.to_string(),
-        };
-        tmp.as_file().sync_all().map_err(host_err)?;
-        let size = tmp.as_file().metadata().map_err(host_err)?.len();
-        tmp.persist(&dest).map_err(|e| host_err(e.error))?;
-        if let Some(dir) = dest.parent() {
-            crypto::sync_dir(dir);
-        }
+        let shown = w.shown().to_owned();
+        let size = tokio::task::spawn_blocking(move || w.commit())
+            .await
+            .map_err(|e| Error::Host {
+                path: shown.clone(),
+                message: format!("the write was interrupted: {e}"),
+            })??;
         self.audit_durable(AuditRecord::new(
             principal,
             "fs.write",
-            shown.clone(),
+            shown,
             "ok",
             serde_json::json!({ "size": size, "host": true }),
         ))

@@ -13,7 +13,7 @@ use crate::{Error, Result};
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 use std::io::Write;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 /// Longest path, in bytes.
 pub const MAX_PATH: usize = 4096;
@@ -868,92 +868,6 @@ pub struct Mount {
     pub read_only: bool,
 }
 
-/// Resolves a path below a mount to a host path without following symlinks or leaving the mount.
-/// With `create_parents`, missing folders on the way are created (inside the mount).
-pub fn host_resolve(mount: &Mount, rest: &[String], create_parents: bool) -> Result<PathBuf> {
-    let root = PathBuf::from(&mount.host_path);
-    let shown = format!("/host/{}/{}", mount.name, rest.join("/"));
-    let host_err = |message: String| Error::Host {
-        path: shown.clone(),
-        message,
-    };
-    let meta = std::fs::metadata(&root)
-        .map_err(|e| host_err(format!("the mount's folder {}: {e}", root.display())))?;
-    if !meta.is_dir() {
-        return Err(host_err(format!("{} is not a folder", root.display())));
-    }
-    let mut at = root.clone();
-    for (i, part) in rest.iter().enumerate() {
-        // VPath already rejected `.`, `..` and NUL; check once more that each part is one plain component.
-        let mut comps = Path::new(part).components();
-        if !matches!(
-            (comps.next(), comps.next()),
-            (Some(Component::Normal(_)), None)
-        ) {
-            return Err(bad(
-                &shown,
-                format!("component {part:?} is not a plain name"),
-            ));
-        }
-        at.push(part);
-        match std::fs::symlink_metadata(&at) {
-            Ok(m) if m.file_type().is_symlink() => {
-                return Err(host_err(format!(
-                    "{} is a symbolic link; links are not followed out of a mount",
-                    at.display()
-                )));
-            }
-            Ok(m) if i + 1 < rest.len() && !m.is_dir() => {
-                return Err(host_err(format!("{} is not a folder", at.display())));
-            }
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                if i + 1 < rest.len() {
-                    if !create_parents {
-                        return Err(Error::NotFound { path: shown });
-                    }
-                    std::fs::create_dir(&at)
-                        .map_err(|e| host_err(format!("{}: {e}", at.display())))?;
-                }
-            }
-            Err(e) => return Err(host_err(format!("{}: {e}", at.display()))),
-        }
-    }
-    Ok(at)
-}
-
-pub(crate) fn list_host(mount: &Mount, rest: &[String]) -> Result<Vec<DirEntry>> {
-    let dir = host_resolve(mount, rest, false)?;
-    let shown = format!("/host/{}/{}", mount.name, rest.join("/"));
-    let rd = std::fs::read_dir(&dir).map_err(|e| Error::Host {
-        path: shown.clone(),
-        message: e.to_string(),
-    })?;
-    let mut out = Vec::new();
-    for entry in rd.flatten() {
-        let Ok(meta) = entry.path().symlink_metadata() else {
-            continue;
-        };
-        if meta.file_type().is_symlink() {
-            continue;
-        }
-        let mtime = meta
-            .modified()
-            .ok()
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map(|d| d.as_millis() as u64);
-        out.push(DirEntry {
-            name: entry.file_name().to_string_lossy().into_owned(),
-            dir: meta.is_dir(),
-            size: if meta.is_dir() { 0 } else { meta.len() },
-            version: None,
-            mtime_ms: mtime,
-        });
-    }
-    out.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -990,29 +904,6 @@ mod tests {
                 .contains("4096")
         );
         assert!(VPath::parse("/shared").unwrap().stored_file().is_err());
-    }
-
-    #[test]
-    fn host_paths_never_escape_the_mount() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().join("m");
-        std::fs::create_dir(&root).unwrap();
-        std::fs::write(dir.path().join("secret"), "s").unwrap();
-        std::os::unix::fs::symlink(dir.path().join("secret"), root.join("link")).unwrap();
-        std::os::unix::fs::symlink(dir.path(), root.join("up")).unwrap();
-        let m = Mount {
-            name: "m".into(),
-            host_path: root.display().to_string(),
-            read_only: false,
-        };
-        let e = host_resolve(&m, &["link".into()], false).unwrap_err();
-        assert!(e.to_string().contains("symbolic link"), "{e}");
-        let e = host_resolve(&m, &["up".into(), "secret".into()], false).unwrap_err();
-        assert!(e.to_string().contains("symbolic link"), "{e}");
-        let e = host_resolve(&m, &["a/../../x".into()], false).unwrap_err();
-        assert!(e.to_string().contains("plain name"), "{e}");
-        let p = host_resolve(&m, &["new".into(), "f".into()], true).unwrap();
-        assert!(p.starts_with(&root));
     }
 
     proptest! {
