@@ -3,9 +3,9 @@ fn main() {
     let key = noa_store::crypto::DataKey::new([3u8; 32]);
     let data = vec![7u8; 64 << 20];
     let t = std::time::Instant::now();
-    let mut s = noa_store::crypto::BlobSealer::new(&key, Vec::with_capacity(70 << 20)).unwrap();
+    let mut s = noa_store::crypto::BlobFileSealer::new(&key, Vec::with_capacity(70 << 20)).unwrap();
     s.write(&data).unwrap();
-    let (out, id, ..) = s.finish().unwrap();
+    let (out, id, _) = s.finish().unwrap();
     let seal = t.elapsed();
     let t = std::time::Instant::now();
     let o = noa_store::crypto::BlobOpener::new(&key, &out[..], &id, "x")

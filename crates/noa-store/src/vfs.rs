@@ -8,7 +8,7 @@
 //! transaction that references them commits. Quotas are per namespace (`/agents/<name>`, `/runs/<id>`,
 //! `/shared`) over the current size of its files, kept in `fs_usage` inside the same transaction.
 
-use crate::crypto::{BlobOpener, BlobSealer, DataKey};
+use crate::crypto::{self, BlobFileOpener, BlobFileSealer, BlobOpener, BlobSealer, DataKey};
 use crate::{Error, Result};
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
@@ -239,73 +239,13 @@ impl Write for WriteBehind {
     }
 }
 
-/// A reader that reads ahead on its own thread, so that reading the disk overlaps decryption. Its 1 MiB
-/// blocks go back to the reading thread to be filled again, so nothing is allocated or zeroed per block.
-struct ReadAhead {
-    rx: std::sync::mpsc::Receiver<std::io::Result<Vec<u8>>>,
-    recycle: std::sync::mpsc::Sender<Vec<u8>>,
-    current: Vec<u8>,
-    at: usize,
-}
-
-const READ_AHEAD_BLOCK: u64 = 1 << 20;
-
-impl ReadAhead {
-    fn new(mut file: std::fs::File) -> ReadAhead {
-        use std::io::Read;
-        let (tx, rx) = std::sync::mpsc::sync_channel(4);
-        let (recycle, spare) = std::sync::mpsc::channel::<Vec<u8>>();
-        let _ = std::thread::Builder::new()
-            .name("noa-blob-read".into())
-            .spawn(move || {
-                loop {
-                    let mut block = spare
-                        .try_recv()
-                        .unwrap_or_else(|_| Vec::with_capacity(READ_AHEAD_BLOCK as usize));
-                    block.clear();
-                    let result = (&mut file).take(READ_AHEAD_BLOCK).read_to_end(&mut block);
-                    let end = matches!(result, Ok(0) | Err(_));
-                    if tx.send(result.map(|_| block)).is_err() || end {
-                        return;
-                    }
-                }
-            });
-        ReadAhead {
-            rx,
-            recycle,
-            current: Vec::new(),
-            at: 0,
-        }
-    }
-}
-
-impl std::io::Read for ReadAhead {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        if self.at == self.current.len() {
-            match self.rx.recv() {
-                Ok(Ok(block)) => {
-                    let used = std::mem::replace(&mut self.current, block);
-                    let _ = self.recycle.send(used);
-                    self.at = 0;
-                }
-                Ok(Err(e)) => return Err(e),
-                Err(_) => return Ok(0),
-            }
-        }
-        let n = buf.len().min(self.current.len() - self.at);
-        buf[..n].copy_from_slice(&self.current[self.at..self.at + n]);
-        self.at += n;
-        Ok(n)
-    }
-}
-
 /// Streams plaintext into an encrypted blob. Small blobs end up inline in the database.
 pub struct BlobWriter<'k> {
     key: &'k DataKey,
     /// The first bytes, kept in memory: a blob that never outgrows one chunk never touches a file.
     head: Vec<u8>,
     /// Once it has: the sealer writing the staging file, and the file's path.
-    file: Option<(BlobSealer<'k, std::io::BufWriter<WriteBehind>>, PathBuf)>,
+    file: Option<(BlobFileSealer<WriteBehind>, PathBuf)>,
     blobs_dir: PathBuf,
 }
 
@@ -326,10 +266,7 @@ impl<'k> BlobWriter<'k> {
         getrandom::fill(&mut name).map_err(|e| Error::Crypto(e.to_string()))?;
         let tmp = tmp_dir.join(crate::crypto::hex(&name));
         let file = std::fs::File::create(&tmp).map_err(Error::BlobIo)?;
-        let mut sealer = BlobSealer::new(
-            self.key,
-            std::io::BufWriter::with_capacity(1 << 20, WriteBehind::new(file)),
-        )?;
+        let mut sealer = BlobFileSealer::new(self.key, WriteBehind::new(file))?;
         sealer.write(&std::mem::take(&mut self.head))?;
         self.file = Some((sealer, tmp));
         Ok(())
@@ -366,10 +303,7 @@ impl<'k> BlobWriter<'k> {
             });
         };
         let result = (|| {
-            let (out, id, size, _) = sealer.finish()?;
-            let file = out
-                .into_inner()
-                .map_err(|e| Error::BlobIo(e.into_error()))?;
+            let (file, id, size) = sealer.finish()?;
             let dest = blob_path(&blobs_dir, &id);
             if dest.exists() {
                 // Same contents already stored: deduplicated.
@@ -733,7 +667,8 @@ impl FileReader {
         }
     }
 
-    /// Calls `each` with every plaintext chunk in order; stops at the first error it returns.
+    /// Calls `each` with the plaintext in order, a piece at a time (up to about 1 MiB); stops at the first error it
+    /// returns.
     pub fn for_each_chunk(
         self,
         mut each: impl FnMut(Vec<u8>) -> std::result::Result<(), ()>,
@@ -754,10 +689,21 @@ impl FileReader {
                     what: what.clone(),
                     message: format!("its blob file {} cannot be read: {e}", p.display()),
                 })?;
-                let mut o = BlobOpener::new(&self.key, ReadAhead::new(f), &self.id, &what)?;
-                while let Some(c) = o.next_chunk()? {
-                    if each(c).is_err() {
-                        break;
+                let size = f.metadata().map(|m| m.len()).unwrap_or(0);
+                if size <= (crypto::HEADER + crypto::BLOCK) as u64 {
+                    let mut o = BlobOpener::new(&self.key, f, &self.id, &what)?;
+                    while let Some(c) = o.next_chunk()? {
+                        if each(c).is_err() {
+                            break;
+                        }
+                    }
+                } else {
+                    // Larger blobs are read and decrypted on threads of their own, a block ahead.
+                    let mut o = BlobFileOpener::new(&self.key, f, &self.id, &what)?;
+                    while let Some(c) = o.next_block()? {
+                        if each(c).is_err() {
+                            break;
+                        }
                     }
                 }
             }
