@@ -11,9 +11,10 @@
 //! nonces can be the chunk counter: a blob is split into 64 KiB chunks, each sealed with the nonce
 //! `index(4) ‖ last(1) ‖ 0(7)`.
 //!
-//! Large blobs use both cores: the content hash runs beside the encryption, batches of chunks are decrypted
-//! in parallel, and a writeback thread starts flushing a blob file to disk while it is still being written. A chunk cannot be moved, dropped or appended to without
-//! failing authentication, and a truncated blob is detected because its final chunk was not sealed as last.
+//! Blobs larger than a chunk are sealed ([`BlobFileSealer`]) and opened ([`BlobFileOpener`]) on a pipeline of
+//! threads: whole 1 MiB blocks are sealed or decrypted in place by a worker per core, in any order, and put back
+//! in order at the end. A chunk cannot be moved, dropped or appended to without failing authentication, and a
+//! truncated blob is detected because its final chunk was not sealed as last.
 
 use crate::{Error, Result};
 use chacha20poly1305::aead::{Aead, AeadInPlace, KeyInit, Payload};
