@@ -10,8 +10,8 @@ mod error;
 pub use error::{Error, Result};
 
 use cedar_policy::{
-    Authorizer, Context, Decision, EntityId, EntityTypeName, EntityUid, PolicySet, Request,
-    RestrictedExpression,
+    ActionConstraint, Authorizer, Context, Decision, EntityId, EntityTypeName, EntityUid,
+    PolicySet, PrincipalConstraint, Request, RestrictedExpression,
 };
 use std::fmt;
 use std::path::Path;
@@ -178,6 +178,9 @@ impl fmt::Display for Resource {
 /// The policy engine: a parsed policy set and a Cedar authorizer.
 pub struct Policy {
     set: PolicySet,
+    /// For each kind of principal (user, agent, node) and each action, the policies whose scope can match
+    /// such a request; Cedar then evaluates only those. Index: `kind * ACTIONS.len() + action`.
+    slices: Vec<PolicySet>,
     authorizer: Authorizer,
     source: String,
     /// Entity type names, parsed once: parsing them per decision would cost more than the decision.
@@ -305,10 +308,13 @@ impl Policy {
                 message,
             }
         })?;
+        let types = Types::new();
+        let slices = slice(&set, &types);
         Ok(Policy {
             set,
+            slices,
             authorizer: Authorizer::new(),
-            types: Types::new(),
+            types,
             cache: Default::default(),
             source: file.to_owned(),
         })
@@ -362,6 +368,28 @@ impl Policy {
     /// Asks Cedar, without the decision cache.
     pub fn decide(
         &self,
+        principal: &Principal,
+        action: Action,
+        resource: &Resource,
+        granted: bool,
+    ) -> Result<()> {
+        let kind = match principal {
+            Principal::User(_) => 0,
+            Principal::Agent(_) => 1,
+            Principal::Node => 2,
+        };
+        let set = ACTIONS
+            .iter()
+            .position(|x| *x == action)
+            .and_then(|i| self.slices.get(kind * ACTIONS.len() + i))
+            .unwrap_or(&self.set);
+        self.decide_in(set, principal, action, resource, granted)
+    }
+
+    /// Asks Cedar with the policies of `set`.
+    fn decide_in(
+        &self,
+        set: &PolicySet,
         principal: &Principal,
         action: Action,
         resource: &Resource,
@@ -440,7 +468,7 @@ impl Policy {
             Request::new(p, a, r, context, None).map_err(|e| Error::Request(e.to_string()))?;
         let response =
             self.authorizer
-                .is_authorized(&request, &self.set, &cedar_policy::Entities::empty());
+                .is_authorized(&request, set, &cedar_policy::Entities::empty());
         if response.decision() == Decision::Allow {
             return Ok(());
         }
@@ -466,6 +494,47 @@ impl Policy {
             reason,
         })
     }
+}
+
+/// Splits a policy set by the kind of principal and the action its scope can match, so that a decision
+/// evaluates only the policies that could apply (Cedar otherwise evaluates every policy's scope and
+/// conditions). Entities are always empty here, so `principal in X` and `principal == X` can only match a
+/// principal of X's type, and `action in [..]` only the actions listed. A policy set with templates is not
+/// split: every slice is the whole set.
+fn slice(set: &PolicySet, types: &Types) -> Vec<PolicySet> {
+    let kinds: [&EntityTypeName; 3] = [&types.user, &types.agent, types.node.type_name()];
+    let static_only = set.templates().next().is_none() && set.policies().all(|p| p.is_static());
+    let mut out = Vec::with_capacity(kinds.len() * ACTIONS.len());
+    for kind in kinds {
+        for (_, action) in &types.actions {
+            if !static_only {
+                out.push(set.clone());
+                continue;
+            }
+            let mut slice = PolicySet::new();
+            for policy in set.policies() {
+                let principal_ok = match policy.principal_constraint() {
+                    PrincipalConstraint::Any => true,
+                    PrincipalConstraint::Eq(u) | PrincipalConstraint::In(u) => {
+                        u.type_name() == kind
+                    }
+                    PrincipalConstraint::Is(t) | PrincipalConstraint::IsIn(t, _) => &t == kind,
+                };
+                let action_ok = match policy.action_constraint() {
+                    ActionConstraint::Any => true,
+                    ActionConstraint::Eq(a) => &a == action,
+                    ActionConstraint::In(list) => list.contains(action),
+                };
+                if principal_ok && action_ok && slice.add(policy.clone()).is_err() {
+                    // Cannot happen for a static policy taken from a valid set; evaluate everything then.
+                    slice = set.clone();
+                    break;
+                }
+            }
+            out.push(slice);
+        }
+    }
+    out
 }
 
 fn line_col(text: &str, offset: usize) -> (usize, usize) {

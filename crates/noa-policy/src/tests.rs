@@ -253,3 +253,60 @@ fn agents_may_ask_the_models() {
             .is_err()
     );
 }
+
+#[test]
+fn sliced_decisions_equal_decisions_over_the_whole_set() {
+    let custom = r#"
+        permit (principal == Noa::User::"ops", action in [Noa::Action::"spawn", Noa::Action::"stop"], resource);
+        permit (principal in Noa::User::"ops", action == Noa::Action::"read", resource);
+        permit (principal is Noa::Agent in Noa::User::"x", action, resource);
+        permit (principal, action == Noa::Action::"read_audit", resource is Noa::System);
+        forbid (principal, action, resource) when { context.system && !context.granted };
+        permit (principal is Noa::Agent, action, resource is Noa::Subject) when { context.granted };
+        permit (principal == Noa::Node::"local", action in Noa::Action::"kill", resource);
+    "#;
+    let sets = [
+        Policy::default_policy(),
+        Policy::parse(custom, "custom.cedar").unwrap(),
+    ];
+    let principals = [
+        Principal::User("admin".into()),
+        Principal::User("ops".into()),
+        Principal::User("x".into()),
+        agent("echo"),
+        agent("other"),
+        Principal::Node,
+    ];
+    let resources = [
+        subj("agent.echo.out"),
+        subj("agent.other.inbox"),
+        subj("sys.events.1.running"),
+        subj("_INBOX.1.2"),
+        subj("jobs.>"),
+        Resource::Process("echo".into()),
+        Resource::System,
+        Resource::File("/agents/echo/a".into()),
+        Resource::File("/shared/b".into()),
+        Resource::File("/agents/other/c".into()),
+        Resource::Secret("key".into()),
+        Resource::Workflow("w".into()),
+    ];
+    let mut checked = 0;
+    for p in &sets {
+        for pr in &principals {
+            for a in ACTIONS {
+                for r in &resources {
+                    for g in [false, true] {
+                        assert_eq!(
+                            p.decide(pr, a, r, g),
+                            p.decide_in(&p.set, pr, a, r, g),
+                            "{pr} {a:?} {r} granted={g}"
+                        );
+                        checked += 1;
+                    }
+                }
+            }
+        }
+    }
+    assert_eq!(checked, 2 * 6 * ACTIONS.len() * 12 * 2);
+}
