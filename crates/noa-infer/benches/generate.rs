@@ -30,7 +30,11 @@ fn raw(backend: &LlamaBackend, model: &LlamaModel) -> (f64, f64) {
         .with_n_batch(512)
         .with_n_threads(THREADS)
         .with_n_threads_batch(THREADS);
-    let mut ctx = model.new_context(backend, params).unwrap();
+    // On a kept ggml thread pool, as llama.cpp's own tools and the engine compute.
+    let mut ctx = noa_infer::PooledContext::new(
+        model.new_context(backend, params).unwrap(),
+        noa_infer::ThreadPool::new(THREADS),
+    );
     let template = model.chat_template(None).unwrap();
     let prompt = model
         .apply_chat_template(
@@ -72,6 +76,18 @@ fn raw(backend: &LlamaBackend, model: &LlamaModel) -> (f64, f64) {
     )
 }
 
+/// One `llama-bench -p 0 -n TOKENS -r 1` run of `model`: its generation tokens/s.
+fn llama_bench_tg(bin: &std::path::Path, model: &str) -> Option<f64> {
+    let out = std::process::Command::new(bin)
+        .args(["-m", model, "-p", "0", "-n", &TOKENS.to_string(), "-r", "1"])
+        .args(["-t", &THREADS.to_string(), "-o", "json"])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    rows.get(0)?.get("avg_ts")?.as_f64()
+}
+
 fn main() {
     let dir = tempfile::tempdir().unwrap();
     let store = ModelStore::new(&dir.path().join("models"));
@@ -108,26 +124,63 @@ fn main() {
         ..Default::default()
     };
     rt.block_on(engine.load("smollm2", true)).unwrap();
+    // llama.cpp's own llama-bench, run between the engine's runs so that both see the same machine (it is
+    // shared and noisy): built by bench/llama_peers.sh, or named by NOA_LLAMA_BENCH.
+    let llama_bench = std::env::var_os("NOA_LLAMA_BENCH")
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            let home = std::env::var_os("HOME")?;
+            Some(
+                std::path::Path::new(&home)
+                    .join(".cache/noa/llama_cpp_python-0.3.36-build/bin/llama-bench"),
+            )
+        })
+        .filter(|p| p.exists());
+    let runs = 9;
     let (mut raw_tps, mut raw_ttft, mut eng_tps, mut eng_ttft) = (vec![], vec![], vec![], vec![]);
-    for i in 0..5 {
+    let (mut peer_tps, mut paired) = (vec![], vec![]);
+    for i in 0..runs {
         let (t, s) = raw(backend, &model);
         raw_ttft.push(t);
         raw_tps.push(s);
         let (_, usage) = rt
             .block_on(engine.chat_text("smollm2", ask(i), params.clone()))
             .unwrap();
-        if usage.completion_tokens == TOKENS {
+        let full = usage.completion_tokens == TOKENS;
+        if full {
             eng_tps.push(usage.tokens_per_second);
             eng_ttft.push(usage.ttft_ms);
+        }
+        if let Some(tg) = llama_bench.as_ref().and_then(|bin| llama_bench_tg(bin, &info.file)) {
+            peer_tps.push(tg);
+            if full {
+                // Adjacent in time, so a slow spell of the machine touches both sides of the pair.
+                paired.push(usage.tokens_per_second / tg);
+            }
         }
     }
     let (r, e) = (median(raw_tps), median(eng_tps));
     println!(
-        "generation, {TOKENS} tokens, {THREADS} threads: engine {e:.1} tokens/s vs llama.cpp C API {r:.1} tokens/s: ratio {:.2}; time to first token {:.1} ms vs {:.1} ms",
+        "generation, {TOKENS} tokens, {THREADS} threads (median of {runs} alternating runs): engine {e:.1} tokens/s vs llama.cpp C API {r:.1} tokens/s: ratio {:.2}; time to first token {:.1} ms vs {:.1} ms",
         e / r,
         median(eng_ttft),
         median(raw_ttft)
     );
+    match &llama_bench {
+        Some(bin) if !peer_tps.is_empty() => {
+            let n = peer_tps.len();
+            let b = median(peer_tps);
+            println!(
+                "  vs llama-bench ({}), run between them ({n} runs): {b:.1} tokens/s: ratio {:.2}; median of the paired ratios {:.2}",
+                bin.display(),
+                e / b,
+                median(paired)
+            );
+        }
+        _ => println!(
+            "  (llama-bench not found: run bench/llama_peers.sh once, or set NOA_LLAMA_BENCH, to measure it here too)"
+        ),
+    }
     // Four streams at once: every round decodes one token of each in one batch. Time to first token is taken
     // from each request's start to its first piece of text, as a client sees it.
     let mut aggregate = Vec::new();

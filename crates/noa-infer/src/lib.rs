@@ -7,6 +7,7 @@
 pub mod convert;
 pub mod engine;
 mod error;
+mod ffi;
 pub mod gguf;
 pub mod grammar;
 pub mod models;
@@ -18,6 +19,7 @@ pub use engine::{
     backend,
 };
 pub use error::{Error, Result};
+pub use ffi::{PooledContext, ThreadPool};
 pub use models::{CATALOG, ModelInfo, ModelStore};
 pub use remote::{KeySource, RemoteModel, Reply};
 

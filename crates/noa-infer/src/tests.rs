@@ -386,3 +386,112 @@ async fn the_embedding_model_converts_and_ranks_meanings() {
         .to_string();
     assert!(err.contains("embedding model"), "{err}");
 }
+
+#[test]
+fn a_grammar_that_throws_is_an_error_not_an_abort() {
+    use llama_cpp_2::model::LlamaModel;
+    use llama_cpp_2::model::params::LlamaModelParams;
+    use llama_cpp_2::sampling::LlamaSampler;
+    // llama.cpp throws a C++ exception when a grammar accepts a token it cannot follow ("Unexpected empty
+    // grammar stack"); unwinding into Rust would abort the daemon. The engine accepts through the shim that
+    // catches it (`sample` in engine.rs), so the request fails and the process lives on.
+    let info = store().1.get("smollm2").unwrap();
+    let model = LlamaModel::load_from_file(
+        crate::engine::backend().unwrap(),
+        &info.file,
+        &LlamaModelParams::default(),
+    )
+    .unwrap();
+    let mut sampler = LlamaSampler::grammar(&model, "root ::= \"yes\"", "root").unwrap();
+    let wrong = model.vocab().tokenize(b"no", false, false)[0];
+    assert!(sampler.try_accept(wrong).is_err());
+    let mut sampler = LlamaSampler::grammar(&model, "root ::= \"yes\"", "root").unwrap();
+    let right = model.vocab().tokenize(b"yes", false, false)[0];
+    assert!(sampler.try_accept(right).is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_engines_sampling_equals_llama_cpps_sampler_chain() {
+    // The engine applies the repeat penalty itself and picks greedy tokens without a candidate array; the
+    // text must be what llama.cpp's own chain (penalties, then greedy or a seeded draw) makes of the same
+    // prompt.
+    use llama_cpp_2::context::params::LlamaContextParams;
+    use llama_cpp_2::llama_batch::LlamaBatch;
+    use llama_cpp_2::model::LlamaModel;
+    use llama_cpp_2::model::params::LlamaModelParams;
+    use llama_cpp_2::sampling::LlamaSampler;
+    let prompt = "The history of the printing press begins";
+    let info = store().1.get("smollm2").unwrap();
+    let backend = crate::engine::backend().unwrap();
+    let model =
+        LlamaModel::load_from_file(backend, &info.file, &LlamaModelParams::default()).unwrap();
+    let reference = |chain: Vec<LlamaSampler>| {
+        let params = LlamaContextParams::default()
+            .with_n_ctx(std::num::NonZeroU32::new(512))
+            .with_n_threads(2)
+            .with_n_threads_batch(2);
+        let mut ctx = model.new_context(backend, params).unwrap();
+        let vocab = model.vocab();
+        let tokens = vocab.tokenize(prompt.as_bytes(), true, true);
+        let mut batch = LlamaBatch::new(512, 1);
+        for (i, t) in tokens.iter().enumerate() {
+            batch
+                .add(*t, i as i32, &[0], i + 1 == tokens.len())
+                .unwrap();
+        }
+        ctx.decode(&mut batch).unwrap();
+        let mut sampler = LlamaSampler::chain_simple(chain);
+        let mut bytes = Vec::new();
+        for pos in tokens.len() as i32..tokens.len() as i32 + 40 {
+            let token = sampler.sample(&ctx, batch.n_tokens() - 1);
+            if vocab.is_eog(token) {
+                break;
+            }
+            bytes.extend(vocab.token_to_piece(token, false, None));
+            batch.clear();
+            batch.add(token, pos, &[0], true).unwrap();
+            ctx.decode(&mut batch).unwrap();
+        }
+        String::from_utf8_lossy(&bytes).into_owned()
+    };
+    let e = engine(2);
+    let text = |params: GenerateParams| {
+        let e = e.clone();
+        async move {
+            let mut rx = e.complete("smollm2", prompt.into(), params).unwrap();
+            let mut out = String::new();
+            while let Some(ev) = rx.recv().await {
+                match ev {
+                    Event::Text(t) => out.push_str(&t),
+                    Event::Done(_) => break,
+                    Event::Error(e) => panic!("{e}"),
+                }
+            }
+            out
+        }
+    };
+    let n_vocab = model.vocab().n_tokens();
+    let greedy_ref = reference(vec![
+        LlamaSampler::penalties(n_vocab, 64, 1.1, 0.0, 0.0),
+        LlamaSampler::greedy(),
+    ]);
+    assert_eq!(text(greedy(40)).await, greedy_ref);
+    let drawn = GenerateParams {
+        max_tokens: 40,
+        temperature: 0.8,
+        top_k: 40,
+        top_p: 0.95,
+        min_p: 0.05,
+        seed: 7,
+        ..Default::default()
+    };
+    let drawn_ref = reference(vec![
+        LlamaSampler::penalties(n_vocab, 64, 1.1, 0.0, 0.0),
+        LlamaSampler::top_k(40),
+        LlamaSampler::top_p(0.95, 1),
+        LlamaSampler::min_p(0.05, 1),
+        LlamaSampler::temp(0.8),
+        LlamaSampler::dist(7),
+    ]);
+    assert_eq!(text(drawn).await, drawn_ref);
+}
