@@ -151,7 +151,10 @@ fn main() {
             eng_tps.push(usage.tokens_per_second);
             eng_ttft.push(usage.ttft_ms);
         }
-        if let Some(tg) = llama_bench.as_ref().and_then(|bin| llama_bench_tg(bin, &info.file)) {
+        if let Some(tg) = llama_bench
+            .as_ref()
+            .and_then(|bin| llama_bench_tg(bin, &info.file))
+        {
             peer_tps.push(tg);
             if full {
                 // Adjacent in time, so a slow spell of the machine touches both sides of the pair.
