@@ -77,6 +77,9 @@ pub struct GenerateParams {
     pub stop: Vec<String>,
     /// A GBNF grammar (root rule `root`) the output must follow; see [`crate::grammar`].
     pub grammar: Option<String>,
+    /// Makes the grammar lazy: the output is free until this text appears, and from there on (the text
+    /// included) it follows the grammar. How a model that writes tool calls in tags may still answer in prose.
+    pub grammar_trigger: Option<String>,
     /// OpenAI-shaped tools, given to a chat template that takes them ([`Engine::takes_tools`]).
     pub tools: Option<serde_json::Value>,
 }
@@ -93,6 +96,7 @@ impl Default for GenerateParams {
             seed: 0xC0FFEE,
             stop: Vec::new(),
             grammar: None,
+            grammar_trigger: None,
             tools: None,
         }
     }
@@ -282,6 +286,17 @@ impl Engine {
             .ok()
             .and_then(|i| i.chat_template)
             .is_some_and(|t| t.contains("tools"))
+    }
+
+    /// Whether `model`'s chat template asks for tool calls in `<tool_call>` tags (Hermes style: Qwen, Hermes,
+    /// SmolLM3 and others): then the model answers in that form rather than NOA's JSON shape.
+    pub fn tool_call_tags(&self, model: &str) -> bool {
+        self.inner
+            .store
+            .get(model)
+            .ok()
+            .and_then(|i| i.chat_template)
+            .is_some_and(|t| t.contains("tools") && t.contains("<tool_call>"))
     }
 
     /// The remote model named `name`, if it is one.
@@ -810,10 +825,13 @@ fn sampler_for(
 ) -> std::result::Result<Sampling, String> {
     let mut chain = Vec::new();
     if let Some(g) = &params.grammar {
-        chain.push(
-            LlamaSampler::grammar(model, g, "root")
-                .map_err(|e| format!("GRAMMAR the grammar is not valid GBNF: {e}"))?,
-        );
+        let sampler = match &params.grammar_trigger {
+            Some(trigger) => {
+                LlamaSampler::grammar_lazy(model, g, "root", [trigger.as_bytes()], &[])
+            }
+            None => LlamaSampler::grammar(model, g, "root"),
+        };
+        chain.push(sampler.map_err(|e| format!("GRAMMAR the grammar is not valid GBNF: {e}"))?);
     }
     let greedy = params.temperature <= 0.0;
     if greedy {

@@ -471,7 +471,8 @@ fn params(r: &Sampling) -> Result<GenerateParams, OpenAiError> {
     Ok(p)
 }
 
-fn messages(r: &ChatRequest) -> Result<Vec<ChatMessage>, OpenAiError> {
+/// `tags`: earlier tool calls are written as the model writes them, in `<tool_call>` tags (see [`tool_mode`]).
+fn messages(r: &ChatRequest, tags: bool) -> Result<Vec<ChatMessage>, OpenAiError> {
     if r.messages.is_empty() {
         return Err(OpenAiError::bad(
             Some("messages"),
@@ -519,7 +520,15 @@ fn messages(r: &ChatRequest) -> Result<Vec<ChatMessage>, OpenAiError> {
                             json!({ "name": c["function"]["name"], "arguments": args })
                         })
                         .collect();
-                    json!({ "tool_calls": calls }).to_string()
+                    if tags {
+                        calls
+                            .iter()
+                            .map(|c| format!("<tool_call>\n{c}\n</tool_call>"))
+                            .collect::<Vec<_>>()
+                            .join("\n")
+                    } else {
+                        json!({ "tool_calls": calls }).to_string()
+                    }
                 }
                 _ => content,
             };
@@ -650,8 +659,13 @@ pub async fn chat_completions(
         Body::Local(req) => req,
     };
     let mut params = params(&req.sampling)?;
-    let mut msgs = messages(&req)?;
-    let tools = tool_mode(&req)?;
+    // A model whose chat template lays out tools gets them in its own format, from the template; one that asks
+    // for calls in `<tool_call>` tags answers in them.
+    let has_tools = req.tools.as_ref().is_some_and(|t| !t.is_empty());
+    let by_template = has_tools && engine(&state)?.takes_tools(&req.model);
+    let tags = by_template && engine(&state)?.tool_call_tags(&req.model);
+    let mut msgs = messages(&req, tags)?;
+    let tools = tool_mode(&req, tags)?;
     let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
     if let Some(tools) = tools {
         if params.grammar.is_some() {
@@ -661,26 +675,41 @@ pub async fn chat_completions(
             ));
         }
         params.grammar = Some(tools.grammar.clone());
-        // A model whose chat template lays out tools gets them in its own format, from the template.
-        let by_template = engine(&state)?.takes_tools(&req.model);
         if by_template {
             params.tools = req.tools.clone().map(Value::Array);
         }
-        let instructions = tools.instructions(by_template);
-        match msgs.first_mut() {
-            Some(m) if m.role == "system" => {
-                m.content = format!("{}\n\n{instructions}", m.content);
+        if tags {
+            // The template tells the model how to call; when a call is optional the grammar holds only from
+            // `<tool_call>` on, so the model may answer in prose instead.
+            if !tools.required {
+                params.grammar_trigger = Some("<tool_call>".into());
             }
-            _ => msgs.insert(
-                0,
-                ChatMessage {
-                    role: "system".into(),
-                    content: instructions,
-                },
-            ),
+        } else {
+            let instructions = tools.instructions(by_template);
+            match msgs.first_mut() {
+                Some(m) if m.role == "system" => {
+                    m.content = format!("{}\n\n{instructions}", m.content);
+                }
+                _ => msgs.insert(
+                    0,
+                    ChatMessage {
+                        role: "system".into(),
+                        content: instructions,
+                    },
+                ),
+            }
         }
         let rx = engine(&state)?.chat(&req.model, msgs, params)?;
-        return respond_tools(&state, p.id(), req.model, rx, req.stream, include_usage).await;
+        return respond_tools(
+            &state,
+            p.id(),
+            req.model,
+            rx,
+            req.stream,
+            include_usage,
+            tags,
+        )
+        .await;
     }
     let rx = engine(&state)?.chat(&req.model, msgs, params)?;
     respond(
@@ -727,8 +756,11 @@ impl Tools {
     }
 }
 
-/// The tool mode of a chat request: `None` without tools or with `tool_choice: "none"`.
-fn tool_mode(req: &ChatRequest) -> Result<Option<Tools>, OpenAiError> {
+/// The tool mode of a chat request: `None` without tools or with `tool_choice: "none"`. With `tags`, the
+/// grammar is that of calls in `<tool_call>` tags, one JSON object `{"name", "arguments"}` in each (the Hermes
+/// format that Qwen, Hermes, SmolLM3 and others are trained on); it starts at the first tag, so when a call is
+/// optional it is used lazily (see `chat_completions`).
+fn tool_mode(req: &ChatRequest, tags: bool) -> Result<Option<Tools>, OpenAiError> {
     let Some(tools) = req.tools.as_ref().filter(|t| !t.is_empty()) else {
         return Ok(None);
     };
@@ -812,6 +844,19 @@ fn tool_mode(req: &ChatRequest) -> Result<Option<Tools>, OpenAiError> {
         r#"ws      ::= | " " | "\n" [ \t]{0,20}"#,
         r#"ws      ::= | " ""#,
     );
+    if tags {
+        let block = r#""<tool_call>\n" call "\n</tool_call>""#;
+        let root = if req.parallel_tool_calls == Some(false) {
+            format!("root ::= {block}")
+        } else {
+            format!("root ::= {block} ( \"\\n\" {block} )*")
+        };
+        return Ok(Some(Tools {
+            functions,
+            required,
+            grammar: format!("{root}\n{call}"),
+        }));
+    }
     let list = if req.parallel_tool_calls == Some(false) {
         r#""{" ws "\"tool_calls\"" ws ":" ws "[" ws call "]" ws "}" ws"#
     } else {
@@ -830,6 +875,35 @@ fn tool_mode(req: &ChatRequest) -> Result<Option<Tools>, OpenAiError> {
     }))
 }
 
+/// The `<tool_call>` blocks of a tag-format answer, as `{"name", "arguments"}` objects, and the text outside
+/// them. A block whose JSON does not parse (possible only where the grammar was lazy and never triggered) stays
+/// in the text.
+fn tagged_calls(text: &str) -> (Vec<Value>, String) {
+    let mut calls = Vec::new();
+    let mut rest = String::new();
+    let mut at = text;
+    while let Some(start) = at.find("<tool_call>") {
+        rest.push_str(&at[..start]);
+        let body_from = start + "<tool_call>".len();
+        let Some(len) = at[body_from..].find("</tool_call>") else {
+            at = &at[start..];
+            break;
+        };
+        let body = &at[body_from..body_from + len];
+        let end = body_from + len + "</tool_call>".len();
+        match serde_json::from_str::<Value>(body.trim()) {
+            Ok(v) if v["name"].is_string() => calls.push(json!({
+                "name": v["name"],
+                "arguments": if v["arguments"].is_null() { json!({}) } else { v["arguments"].clone() },
+            })),
+            _ => rest.push_str(&at[start..end]),
+        }
+        at = &at[end..];
+    }
+    rest.push_str(at);
+    (calls, rest)
+}
+
 /// Answers a request with tools: the whole answer is generated (under the tools grammar), then read as tool
 /// calls or a message; a stream gets it as one delta.
 async fn respond_tools(
@@ -839,6 +913,7 @@ async fn respond_tools(
     mut rx: tokio::sync::mpsc::Receiver<Event>,
     stream: bool,
     include_usage: bool,
+    tags: bool,
 ) -> Result<Response, OpenAiError> {
     let mut text = String::new();
     let usage = loop {
@@ -854,7 +929,16 @@ async fn respond_tools(
         }
     };
     state.http.record_usage(&who, &usage);
-    let parsed: Option<Value> = serde_json::from_str(&text).ok();
+    let (parsed, tagged) = if tags {
+        let (calls, rest) = tagged_calls(&text);
+        let content = (!rest.trim().is_empty()).then(|| rest.trim().to_owned());
+        (
+            Some(json!({ "tool_calls": calls, "content": content })),
+            true,
+        )
+    } else {
+        (serde_json::from_str::<Value>(&text).ok(), false)
+    };
     let calls: Vec<Value> = parsed
         .as_ref()
         .and_then(|v| v["tool_calls"].as_array())
@@ -867,8 +951,13 @@ async fn respond_tools(
         })
         .collect();
     let (message, finish) = if !calls.is_empty() {
+        // Prose the model wrote before its calls (tag format) is kept as the message's content.
+        let said = parsed
+            .as_ref()
+            .filter(|_| tagged)
+            .and_then(|v| v["content"].as_str().map(str::to_owned));
         (
-            json!({ "role": "assistant", "content": null, "tool_calls": calls }),
+            json!({ "role": "assistant", "content": said, "tool_calls": calls }),
             "tool_calls".to_owned(),
         )
     } else {
@@ -1166,13 +1255,54 @@ mod tool_tests {
             "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object",
                 "properties": {"a": {"type": "integer"}}}}}], "tool_choice": "required", "parallel_tool_calls": false }),
         );
-        let t = tool_mode(&r).unwrap().unwrap();
+        let t = tool_mode(&r, false).unwrap().unwrap();
         assert!(t.required);
         assert!(!t.grammar.contains("{0,20}"), "{}", t.grammar);
         assert!(t.grammar.contains(r#""\"f\"""#), "{}", t.grammar);
         assert!(!t.grammar.contains("( \",\" ws call )*"), "{}", t.grammar);
         assert!(t.instructions(false).contains("- f: ") && !t.instructions(true).contains("- f: "));
         let none = req(json!({ "model": "m", "messages": [], "tools": [], "tool_choice": "none" }));
-        assert!(tool_mode(&none).unwrap().is_none());
+        assert!(tool_mode(&none, false).unwrap().is_none());
+    }
+
+    #[test]
+    fn tag_format_calls_have_their_own_grammar_and_are_read_back() {
+        let r = req(
+            json!({ "model": "m", "messages": [{"role": "assistant", "content": null,
+                "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{\"a\":1}"}}]}],
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object",
+                "properties": {"a": {"type": "integer"}}}}}] }),
+        );
+        let t = tool_mode(&r, true).unwrap().unwrap();
+        assert!(!t.required);
+        assert!(
+            t.grammar.starts_with(
+                r#"root ::= "<tool_call>\n" call "\n</tool_call>" ( "\n" "<tool_call>\n""#
+            ),
+            "{}",
+            t.grammar
+        );
+        assert!(!t.grammar.contains("tool_calls"), "{}", t.grammar);
+        // Earlier calls are shown in tags too.
+        let m = messages(&r, true).unwrap();
+        assert_eq!(
+            m[0].content,
+            "<tool_call>\n{\"name\":\"f\",\"arguments\":{\"a\":1}}\n</tool_call>"
+        );
+        // Read back: calls in order, the prose around them, and a broken block left as text.
+        let (calls, rest) = tagged_calls(
+            "Let me look.\n<tool_call>\n{\"name\": \"f\", \"arguments\": {\"a\": 1}}\n</tool_call>\n<tool_call>{\"name\":\"g\"}</tool_call><tool_call>oops</tool_call>",
+        );
+        assert_eq!(
+            calls,
+            vec![
+                json!({"name": "f", "arguments": {"a": 1}}),
+                json!({"name": "g", "arguments": {}})
+            ]
+        );
+        assert_eq!(rest, "Let me look.\n\n<tool_call>oops</tool_call>");
+        let (calls, rest) = tagged_calls("Paris. <tool_call>{\"name\":\"f\"");
+        assert!(calls.is_empty());
+        assert_eq!(rest, "Paris. <tool_call>{\"name\":\"f\"");
     }
 }

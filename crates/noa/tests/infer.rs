@@ -789,3 +789,132 @@ fn a_remote_model_answers_by_name_through_its_endpoint() {
     a.ok(&["model", "rm", "ghost"]);
     assert!(!a.ok(&["model", "list"]).contains("ghost"));
 }
+
+/// A chat template in the style of Qwen 2.5 (Hermes tool calls): it lists the tools itself and asks for calls in
+/// `<tool_call>` tags, and shows tool results in `<tool_response>` tags.
+const HERMES_TEMPLATE: &str = r#"{%- if tools %}<|im_start|>system
+{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}{% else %}You are a helpful assistant.{% endif %}
+
+# Tools
+
+You may call one or more functions to assist with the user query.
+
+You are provided with function signatures within <tools></tools> XML tags:
+<tools>
+{%- for tool in tools %}
+{{ tool | tojson }}
+{%- endfor %}
+</tools>
+
+For each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:
+<tool_call>
+{"name": <function-name>, "arguments": <args-json-object>}
+</tool_call><|im_end|>
+{% endif %}
+{%- for message in messages %}
+{%- if message.role == 'tool' %}<|im_start|>user
+<tool_response>
+{{ message.content }}
+</tool_response><|im_end|>
+{% elif not (message.role == 'system' and tools) %}<|im_start|>{{ message.role }}
+{{ message.content }}<|im_end|>
+{% endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}<|im_start|>assistant
+{% endif %}"#;
+
+/// A model whose chat template asks for tool calls in `<tool_call>` tags answers in that form (constrained to
+/// the given functions), and the API reads the calls back into OpenAI's `tool_calls`. The bundled weights are
+/// installed a second time under the name `hermes`, with such a template in their record.
+#[test]
+fn a_model_that_calls_tools_in_tags_answers_in_its_own_format() {
+    let d = daemon();
+    let file = d.dir.join("models").join("smollm2.gguf");
+    let out = Command::new(noa_bin())
+        .args(["model", "add"])
+        .arg(&file)
+        .args(["--name", "hermes", "--data-dir"])
+        .arg(&d.dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let record = d.dir.join("models").join("hermes.json");
+    let mut info: Value = serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
+    info["chat_template"] = json!(HERMES_TEMPLATE);
+    std::fs::write(&record, serde_json::to_vec_pretty(&info).unwrap()).unwrap();
+    let tools = json!([
+        { "type": "function", "function": { "name": "get_weather", "description": "The weather in a city.",
+          "parameters": { "type": "object", "properties": { "city": { "type": "string" } },
+                          "required": ["city"] } } },
+    ]);
+    let ask = |choice: Value, stream: bool| {
+        post(
+            &d,
+            "/v1/chat/completions",
+            &json!({ "model": "hermes", "max_tokens": 96, "temperature": 0, "stream": stream,
+                     "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
+                     "tools": tools, "tool_choice": choice }),
+        )
+    };
+    let (s, v) = ask(json!("required"), false);
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "tool_calls", "{v}");
+    let call = &v["choices"][0]["message"]["tool_calls"][0]["function"];
+    assert_eq!(call["name"], "get_weather", "{v}");
+    let args: Value = serde_json::from_str(call["arguments"].as_str().unwrap()).unwrap();
+    assert!(args["city"].is_string(), "{args}");
+    // The model really wrote tags: a stop sequence at the closing tag cuts the call off, so the text comes back
+    // as it was written (in NOA's JSON shape no tag would appear and the call would be read).
+    let (s, v) = post(
+        &d,
+        "/v1/chat/completions",
+        &json!({ "model": "hermes", "max_tokens": 96, "temperature": 0, "stop": ["</tool_call>"],
+                 "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
+                 "tools": tools, "tool_choice": "required" }),
+    );
+    assert_eq!(s, 200, "{v}");
+    let content = v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        content.starts_with("<tool_call>\n{") && content.contains("\"get_weather\""),
+        "{v}"
+    );
+    // `auto`: the grammar waits for a `<tool_call>` tag, so the model may also answer in prose; either way no
+    // tag is left in the content.
+    let (s, v) = ask(json!("auto"), false);
+    assert_eq!(s, 200, "{v}");
+    let m = &v["choices"][0]["message"];
+    assert!(
+        m["tool_calls"].is_array() || m["content"].is_string(),
+        "{v}"
+    );
+    assert!(
+        !m["content"].as_str().unwrap_or("").contains("</tool_call>"),
+        "{v}"
+    );
+    // Streamed, and a conversation with an earlier call and its result.
+    let (s, v) = ask(json!("required"), true);
+    assert_eq!(s, 200);
+    assert!(v.as_str().unwrap().contains("\"get_weather\""), "{v}");
+    let (s, v) = post(
+        &d,
+        "/v1/chat/completions",
+        &json!({ "model": "hermes", "max_tokens": 32, "temperature": 0, "tools": tools,
+                 "messages": [
+                    {"role": "user", "content": "What is the weather in Paris?"},
+                    {"role": "assistant", "content": null, "tool_calls": [{"id": "call-1", "type": "function",
+                        "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}}]},
+                    {"role": "tool", "tool_call_id": "call-1", "content": "18 C and sunny"}] }),
+    );
+    assert_eq!(s, 200, "{v}");
+    assert!(
+        v["choices"][0]["message"]["content"].is_string()
+            || v["choices"][0]["message"]["tool_calls"].is_array(),
+        "{v}"
+    );
+}
