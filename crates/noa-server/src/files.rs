@@ -283,7 +283,7 @@ pub async fn put(
         check(&state, &p, Action::WriteFile, &path)?;
         match path.namespace() {
             Namespace::Host { .. } => {
-                store.host_entry(&path, true)?;
+                store.host_writable(&path)?;
             }
             _ => {
                 path.stored_file()?;

@@ -566,10 +566,11 @@ impl<W: Write + Send + 'static> BlobFileSealer<W> {
                         let Ok((seq, first, mut block)) = work else {
                             return;
                         };
-                        // A block that cannot be sealed is not sent: the writing thread reports it missing.
-                        if !seal_block(&cipher, first, &mut block)
-                            || tx.send((seq, first, block)).is_err()
-                        {
+                        // A block that cannot be sealed goes on empty: the writing thread stops there.
+                        if !seal_block(&cipher, first, &mut block) {
+                            block.clear();
+                        }
+                        if tx.send((seq, first, block)).is_err() {
                             return;
                         }
                     }
@@ -584,6 +585,11 @@ impl<W: Write + Send + 'static> BlobFileSealer<W> {
                 while let Ok((seq, _, block)) = writer_rx.recv() {
                     early.insert(seq, block);
                     while let Some(block) = early.remove(&next) {
+                        if block.is_empty() {
+                            return Err(std::io::Error::other(format!(
+                                "block {next} of the blob could not be sealed"
+                            )));
+                        }
                         out.write_all(&block)?;
                         next += 1;
                         // One block fewer in flight: the caller may send another.

@@ -171,7 +171,7 @@ impl HostEntry {
             let (secs, nanos) = (i64::from(st.st_mtime), u64::from(st.st_mtime_nsec));
             let mtime_ms = u64::try_from(secs)
                 .ok()
-                .map(|s| s.saturating_mul(1000) + nanos / 1_000_000);
+                .and_then(|s| s.checked_mul(1000)?.checked_add(nanos / 1_000_000));
             out.push(DirEntry {
                 name,
                 dir: is_dir,
@@ -204,6 +204,11 @@ impl HostEntry {
                 .map(|b| format!("{b:02x}"))
                 .collect::<String>()
         );
+        // A new file gets the usual mode (0644 less the umask); a replaced one keeps its own.
+        let mode = rustix::fs::statat(&self.dir, name.as_str(), AtFlags::SYMLINK_NOFOLLOW)
+            .ok()
+            .filter(|st| FileType::from_raw_mode(st.st_mode) == FileType::RegularFile)
+            .map(|st| Mode::from_raw_mode(st.st_mode & 0o7777));
         let fd = rustix::fs::openat(
             &self.dir,
             tmp.as_str(),
@@ -211,6 +216,9 @@ impl HostEntry {
             Mode::from_raw_mode(0o644),
         )
         .map_err(|e| self.host_err(io(e)))?;
+        if let Some(mode) = mode {
+            rustix::fs::fchmod(&fd, mode).map_err(|e| self.host_err(io(e)))?;
+        }
         Ok(HostWrite {
             file: std::fs::File::from(fd),
             tmp: Some(tmp),
@@ -295,14 +303,19 @@ fn open_folder(dir: &OwnedFd, part: &str, create: bool, shown: &str) -> Result<O
         path: shown.to_owned(),
         message,
     };
-    let refused =
-        |dir: &OwnedFd, e: Errno| match rustix::fs::statat(dir, part, AtFlags::SYMLINK_NOFOLLOW) {
+    // A link or a file where a folder should be; any other error (permissions, descriptors) as it is.
+    let refused = |dir: &OwnedFd, e: Errno| {
+        if !matches!(e, Errno::LOOP | Errno::NOTDIR) {
+            return host_err(format!("{part}: {}", io(e)));
+        }
+        match rustix::fs::statat(dir, part, AtFlags::SYMLINK_NOFOLLOW) {
             Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Symlink => host_err(
                 format!("{part} is a symbolic link; links are not followed out of a mount"),
             ),
             Ok(_) => host_err(format!("{part} is not a folder")),
             Err(_) => host_err(format!("{part}: {}", io(e))),
-        };
+        }
+    };
     match rustix::fs::openat(dir, part, DIR_FLAGS, Mode::empty()) {
         Ok(fd) => Ok(fd),
         Err(Errno::NOENT) if create => {
@@ -379,6 +392,23 @@ mod tests {
         assert_eq!(std::fs::read(root.join("new/deep/f")).unwrap(), b"x");
         let e = HostEntry::resolve(&m, &parts("nope/f"), false).unwrap_err();
         assert!(matches!(e, Error::NotFound { .. }), "{e}");
+        assert!(
+            !root.join("nope").exists(),
+            "resolving without create makes no folder"
+        );
+        // A replaced file keeps its mode.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(root.join("private"), "old").unwrap();
+        std::fs::set_permissions(root.join("private"), std::fs::Permissions::from_mode(0o600))
+            .unwrap();
+        let mut w = HostEntry::resolve(&m, &parts("private"), true)
+            .unwrap()
+            .create()
+            .unwrap();
+        std::io::Write::write_all(w.file(), b"new").unwrap();
+        w.commit().unwrap();
+        let meta = std::fs::metadata(root.join("private")).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
         // A listing leaves links out.
         let names: Vec<_> = HostEntry::resolve(&m, &[], false)
             .unwrap()
@@ -389,7 +419,11 @@ mod tests {
             .collect();
         assert_eq!(
             names,
-            vec![("link".to_owned(), false), ("new".to_owned(), true)]
+            vec![
+                ("link".to_owned(), false),
+                ("new".to_owned(), true),
+                ("private".to_owned(), false)
+            ]
         );
     }
 

@@ -523,9 +523,9 @@ impl Store {
         .map(|_| ())
     }
 
-    /// The host entry a `/host/...` path names: its folder opened without following a link at any step
-    /// (see [`host`]). With `for_write`, the mount must be writable and missing folders on the way are made.
-    pub fn host_entry(&self, path: &VPath, for_write: bool) -> Result<HostEntry> {
+    /// Checks that `path` names a file of a writable mount (no file system access): what a write or delete
+    /// is refused for before anything is read or made.
+    pub fn host_writable(&self, path: &VPath) -> Result<Mount> {
         let Namespace::Host { mount, rest } = path.namespace() else {
             return Err(Error::Path {
                 path: path.to_string(),
@@ -533,18 +533,36 @@ impl Store {
             });
         };
         let m = self.mount_named(mount)?;
-        if for_write && m.read_only {
+        if m.read_only {
             return Err(Error::ReadOnly {
                 path: path.to_string(),
             });
         }
-        if rest.is_empty() && for_write {
+        if rest.is_empty() {
             return Err(Error::Path {
                 path: path.to_string(),
                 message: "is the mount itself, not a file".into(),
             });
         }
-        HostEntry::resolve(&m, rest, for_write)
+        Ok(m)
+    }
+
+    /// The host entry a `/host/...` path names: its folder opened without following a link at any step
+    /// (see [`host`]). With `for_write`, the mount must be writable (see [`Store::host_writable`]); missing
+    /// folders on the way are never made here (only [`Store::host_create`] makes them).
+    pub fn host_entry(&self, path: &VPath, for_write: bool) -> Result<HostEntry> {
+        let Namespace::Host { mount, rest } = path.namespace() else {
+            return Err(Error::Path {
+                path: path.to_string(),
+                message: "not a host path".into(),
+            });
+        };
+        let m = if for_write {
+            self.host_writable(path)?
+        } else {
+            self.mount_named(mount)?
+        };
+        HostEntry::resolve(&m, rest, false)
     }
 
     /// Opens a host file for reading (see [`HostEntry::open_read`]). Returns the file and its size.
@@ -555,7 +573,14 @@ impl Store {
     /// Starts writing a host file: a new temporary file beside it. Write to it, then
     /// [`Store::host_commit`] it.
     pub fn host_create(&self, path: &VPath) -> Result<HostWrite> {
-        self.host_entry(path, true)?.create()
+        let m = self.host_writable(path)?;
+        let Namespace::Host { rest, .. } = path.namespace() else {
+            return Err(Error::Path {
+                path: path.to_string(),
+                message: "not a host path".into(),
+            });
+        };
+        HostEntry::resolve(&m, rest, true)?.create()
     }
 
     /// Makes a host write durable and puts it in place (replacing the file, or a link at its name, never

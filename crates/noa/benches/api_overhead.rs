@@ -3,6 +3,8 @@
 //! threads, alternated in one run. The prompt is the same every time, so its prefix is cached on both sides and
 //! the figure is not lost in prompt processing: what remains is one decode, plus the API's own path (auth, policy,
 //! JSON, the engine queue, SSE framing, loopback TCP) on the HTTP side.
+//! Then generation speed through the API (one streamed request of 128 tokens), alternated with llama.cpp's own
+//! `llama-bench` when bench/llama_peers.sh has built it.
 //! Run: `cargo bench -p noa --bench api_overhead` (needs the model wheel cached by scripts/setup.sh).
 
 use noa_node::infer::{ChatMessage, Engine, EngineOptions, Event, GenerateParams, ModelStore};
@@ -72,6 +74,66 @@ fn engine_ttft(rt: &tokio::runtime::Runtime, engine: &Engine) -> f64 {
     })
 }
 
+/// Generation speed of one streamed request of `TG_TOKENS` tokens through the API, as a client sees it: the
+/// tokens after the first over the time from the first text chunk to the last (`None` if it stopped early).
+fn http_tg(agent: &ureq::Agent, addr: &str, token: &str, i: usize) -> Option<f64> {
+    let body = serde_json::json!({"model": "smollm2", "stream": true, "max_tokens": TG_TOKENS, "temperature": 0,
+        "stream_options": {"include_usage": true},
+        "messages": [{"role": "user", "content": format!("Write a long story about a dragon who learns to code. ({i})")}]});
+    let resp = agent
+        .post(format!("http://{addr}/v1/chat/completions"))
+        .header("Authorization", format!("Bearer {token}"))
+        .send_json(&body)
+        .unwrap();
+    let mut r = BufReader::new(resp.into_body().into_reader());
+    let (mut line, mut first, mut last, mut tokens) = (String::new(), None, None, 0u64);
+    loop {
+        line.clear();
+        if r.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
+        if line.starts_with("data: ") && line.contains("\"content\"") {
+            first.get_or_insert_with(Instant::now);
+            last = Some(Instant::now());
+        }
+        if let Some(v) = line
+            .strip_prefix("data: ")
+            .and_then(|d| serde_json::from_str::<serde_json::Value>(d).ok())
+            && let Some(n) = v["usage"]["completion_tokens"].as_u64()
+        {
+            tokens = n;
+        }
+    }
+    let secs = last?.duration_since(first?).as_secs_f64();
+    (tokens == TG_TOKENS).then(|| (tokens - 1) as f64 / secs)
+}
+
+/// One `llama-bench -p 0 -n TG_TOKENS -t 2 -r 1` run: its generation tokens/s.
+fn llama_bench_tg(bin: &std::path::Path, model: &std::path::Path) -> Option<f64> {
+    let out = Command::new(bin)
+        .arg("-m")
+        .arg(model)
+        .args([
+            "-p",
+            "0",
+            "-n",
+            &TG_TOKENS.to_string(),
+            "-r",
+            "1",
+            "-t",
+            "2",
+            "-o",
+            "json",
+        ])
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    rows.get(0)?.get("avg_ts")?.as_f64()
+}
+
+const TG_TOKENS: u64 = 128;
+
 fn main() {
     let dir = tempfile::tempdir().unwrap();
     let noa = env!("CARGO_BIN_EXE_noa");
@@ -129,12 +191,51 @@ fn main() {
         http.push(http_ttft(&agent, &addr, &token));
         local.push(engine_ttft(&rt, &engine));
     }
-    let _ = daemon.kill();
-    let _ = daemon.wait();
     // Each round's two measures are taken back to back, so their difference cancels most of the machine's noise.
     let paired = median(http.iter().zip(&local).map(|(h, l)| h - l).collect());
     let (h, l) = (median(http), median(local));
     println!(
         "time to first token, cached prompt prefix, {ROUNDS} rounds: HTTP (streamed, loopback, kept-alive connection) {h:.2} ms vs in process {l:.2} ms: the API adds {paired:.2} ms (median of the rounds' differences; target < 2 ms)"
     );
+    // Generation through the API against llama.cpp's own llama-bench (built by bench/llama_peers.sh, or named
+    // by NOA_LLAMA_BENCH), alternated so that both see the same spells of this shared machine.
+    engine.unload("smollm2");
+    let bench = std::env::var_os("NOA_LLAMA_BENCH")
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            Some(
+                std::path::Path::new(&std::env::var_os("HOME")?)
+                    .join(".cache/noa/llama_cpp_python-0.3.36-build/bin/llama-bench"),
+            )
+        })
+        .filter(|p| p.exists());
+    match bench {
+        Some(bin) => {
+            let model = dir.path().join("models").join("smollm2.gguf");
+            let (mut api, mut peer, mut ratios) = (vec![], vec![], vec![]);
+            for i in 0..9 {
+                let a = http_tg(&agent, &addr, &token, i);
+                let b = llama_bench_tg(&bin, &model);
+                api.extend(a);
+                peer.extend(b);
+                if let (Some(a), Some(b)) = (a, b) {
+                    ratios.push(a / b);
+                }
+            }
+            if !api.is_empty() && !peer.is_empty() && !ratios.is_empty() {
+                println!(
+                    "generation, {TG_TOKENS} tokens, 2 threads: through the API (streamed) {:.1} tokens/s vs llama-bench {:.1} tokens/s: median of {} paired ratios {:.2} (target >= 0.97)",
+                    median(api),
+                    median(peer),
+                    ratios.len(),
+                    median(ratios)
+                );
+            }
+        }
+        None => println!(
+            "(llama-bench not found: run bench/llama_peers.sh once, or set NOA_LLAMA_BENCH, to compare generation through the API with it)"
+        ),
+    }
+    let _ = daemon.kill();
+    let _ = daemon.wait();
 }
