@@ -771,7 +771,8 @@ fn prompt_text(
     if let Some(tools) = tools.filter(|_| jinja.is_some_and(|j| j.takes_tools())) {
         match render_jinja(Some(tools)) {
             Ok(text) => return Ok(text),
-            Err(e) => tracing::warn!("The chat template cannot lay out the tools: {e}."),
+            // Falling back to a prompt without the tools would leave the model blind to them.
+            Err(e) => return Err(format!("the chat template cannot lay out the tools: {e}")),
         }
     }
     let builtin = template.map(|t| {
@@ -826,8 +827,19 @@ fn sampler_for(
     let mut chain = Vec::new();
     if let Some(g) = &params.grammar {
         let sampler = match &params.grammar_trigger {
+            // Watched as a plain pattern, and as a token too when it is one (as `<tool_call>` is for Qwen and
+            // Hermes). llama.cpp's trigger *words* would become `[\s\S]*?(word)[\s\S]*`, which its regex engine
+            // searches with recursion as deep as the output is long.
             Some(trigger) => {
-                LlamaSampler::grammar_lazy(model, g, "root", [trigger.as_bytes()], &[])
+                let tokens = model.vocab().tokenize(trigger.as_bytes(), false, true);
+                let token: &[LlamaToken] = if tokens.len() == 1 { &tokens } else { &[] };
+                LlamaSampler::grammar_lazy_patterns(
+                    model,
+                    g,
+                    "root",
+                    &[regex_escape(trigger)],
+                    token,
+                )
             }
             None => LlamaSampler::grammar(model, g, "root"),
         };
@@ -850,6 +862,18 @@ fn sampler_for(
         recent: std::collections::VecDeque::with_capacity(PENALTY_WINDOW),
         scratch: Vec::new(),
     })
+}
+
+/// `text` as a regular expression that matches it literally (ECMAScript syntax, as llama.cpp's triggers use).
+fn regex_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if ".^$|()*+?[]{}\\/".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// Picks the token at batch index `idx`: the repeat penalty on a copy of the logits, then either the first
@@ -1448,6 +1472,13 @@ mod tests {
         assert_eq!(same, logits);
         assert_eq!(first_max(&[1.0, 3.0, 3.0, 2.0]), Some(1));
         assert_eq!(first_max(&[]), None);
+    }
+
+    #[test]
+    fn triggers_are_escaped_for_the_regex() {
+        assert_eq!(regex_escape("<tool_call>"), "<tool_call>");
+        assert_eq!(regex_escape("[TOOL_CALLS]"), "\\[TOOL_CALLS\\]");
+        assert_eq!(regex_escape("a.b*"), "a\\.b\\*");
     }
 
     #[test]

@@ -56,6 +56,8 @@ impl<'m> PooledContext<'m> {
     }
 }
 
+// Only shared access derefs: a `&mut LlamaContext` could be swapped out (`std::mem::replace`) and outlive the
+// pool it still computes on. The few mutating calls are forwarded instead.
 impl<'m> std::ops::Deref for PooledContext<'m> {
     type Target = LlamaContext<'m>;
     fn deref(&self) -> &Self::Target {
@@ -63,8 +65,24 @@ impl<'m> std::ops::Deref for PooledContext<'m> {
     }
 }
 
-impl std::ops::DerefMut for PooledContext<'_> {
-    fn deref_mut(&mut self) -> &mut Self::Target {
-        &mut self.ctx
+impl PooledContext<'_> {
+    pub fn decode(
+        &mut self,
+        batch: &mut llama_cpp_2::llama_batch::LlamaBatch,
+    ) -> Result<(), llama_cpp_2::DecodeError> {
+        self.ctx.decode(batch)
+    }
+
+    pub fn clear_kv_cache(&mut self) {
+        self.ctx.clear_kv_cache()
+    }
+
+    pub fn clear_kv_cache_seq(
+        &mut self,
+        seq: Option<u32>,
+        p0: Option<u32>,
+        p1: Option<u32>,
+    ) -> Result<bool, llama_cpp_2::context::kv_cache::KvCacheConversionError> {
+        self.ctx.clear_kv_cache_seq(seq, p0, p1)
     }
 }

@@ -521,11 +521,18 @@ fn messages(r: &ChatRequest, tags: bool) -> Result<Vec<ChatMessage>, OpenAiError
                         })
                         .collect();
                     if tags {
+                        // What the model said before its calls, then the calls, as it wrote them.
+                        let said = content.trim();
                         calls
                             .iter()
                             .map(|c| format!("<tool_call>\n{c}\n</tool_call>"))
-                            .collect::<Vec<_>>()
-                            .join("\n")
+                            .fold(said.to_owned(), |acc, t| {
+                                if acc.is_empty() {
+                                    t
+                                } else {
+                                    format!("{acc}\n{t}")
+                                }
+                            })
                     } else {
                         json!({ "tool_calls": calls }).to_string()
                     }
@@ -1288,6 +1295,14 @@ mod tool_tests {
         assert_eq!(
             m[0].content,
             "<tool_call>\n{\"name\":\"f\",\"arguments\":{\"a\":1}}\n</tool_call>"
+        );
+        // Prose said before the calls is kept in front of them.
+        let mut r2 = r;
+        r2.messages[0].content = Some(Content::Text("Let me check.".into()));
+        assert!(
+            messages(&r2, true).unwrap()[0]
+                .content
+                .starts_with("Let me check.\n<tool_call>\n{"),
         );
         // Read back: calls in order, the prose around them, and a broken block left as text.
         let (calls, rest) = tagged_calls(
