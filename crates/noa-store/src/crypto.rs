@@ -1159,6 +1159,33 @@ mod tests {
         }
 
         #[test]
+        fn the_threaded_opener_never_panics_on_damage(
+            cut in 0usize..(3 * BLOCK),
+            flip in proptest::option::of((0usize..(3 * BLOCK), 1u8..=255)),
+            junk in proptest::collection::vec(any::<u8>(), 0..64),
+        ) {
+            // A valid blob of two and a half blocks, maybe cut short, a byte flipped, junk appended: the opener
+            // gives back the plaintext when nothing was damaged and an error otherwise, never a panic.
+            let k = key();
+            let data = vec![5u8; 2 * PLAIN_BLOCK + PLAIN_BLOCK / 2];
+            let (mut sealed, id) = seal_threaded(&k, &data, 1 << 20);
+            let whole = sealed.len();
+            let mut damaged = cut < whole || !junk.is_empty();
+            sealed.truncate(cut.min(whole));
+            if let Some((at, x)) = flip
+                && at < sealed.len()
+            {
+                sealed[at] ^= x;
+                damaged = true;
+            }
+            sealed.extend_from_slice(&junk);
+            match open_threaded(&k, &sealed, &id) {
+                Ok(plain) => prop_assert!(!damaged && plain == data),
+                Err(_) => prop_assert!(damaged),
+            }
+        }
+
+        #[test]
         fn garbage_never_panics(data in proptest::collection::vec(any::<u8>(), 0..300)) {
             let k = key();
             if let Ok(o) = BlobOpener::new(&k, &data[..], "g", "g") {
