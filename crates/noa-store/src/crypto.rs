@@ -262,6 +262,55 @@ impl BlobCipher {
     }
 }
 
+/// Writes a new blob's header (magic and a random salt) and returns the blob's cipher.
+fn write_header(key: &DataKey, out: &mut impl Write) -> Result<BlobCipher> {
+    let mut salt = [0u8; 16];
+    getrandom::fill(&mut salt).map_err(|e| Error::Crypto(format!("no randomness: {e}")))?;
+    out.write_all(MAGIC).map_err(Error::BlobIo)?;
+    out.write_all(&salt).map_err(Error::BlobIo)?;
+    Ok(key.blob_cipher(&salt))
+}
+
+/// Reads and checks a blob's header; returns the blob's cipher. `what` names the blob in errors.
+fn read_header(key: &DataKey, input: &mut impl Read, what: &str) -> Result<BlobCipher> {
+    let mut header = [0u8; HEADER];
+    let n = read_full(input, &mut header).map_err(Error::BlobIo)?;
+    if n < HEADER || &header[..MAGIC.len()] != MAGIC {
+        return Err(Error::Corrupt {
+            what: what.to_owned(),
+            message: "not a NOA blob (bad header)".into(),
+        });
+    }
+    let mut salt = [0u8; 16];
+    salt.copy_from_slice(&header[MAGIC.len()..]);
+    Ok(key.blob_cipher(&salt))
+}
+
+/// Starts one worker per core (at most four), each taking jobs from `jobs` and sending what `work` makes of
+/// them to `done`, until either side closes or `work` returns `None`.
+fn spawn_workers<J: Send + 'static, R: Send + 'static>(
+    name: &str,
+    jobs: std::sync::Arc<std::sync::Mutex<std::sync::mpsc::Receiver<J>>>,
+    done: std::sync::mpsc::Sender<R>,
+    work: impl Fn(J) -> R + Clone + Send + 'static,
+) -> Result<()> {
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 4));
+    for _ in 0..workers {
+        let (jobs, done, work) = (jobs.clone(), done.clone(), work.clone());
+        std::thread::Builder::new()
+            .name(name.to_owned())
+            .spawn(move || {
+                while let Ok(job) = jobs.lock().unwrap_or_else(|e| e.into_inner()).recv() {
+                    if done.send(work(job)).is_err() {
+                        return;
+                    }
+                }
+            })
+            .map_err(Error::BlobIo)?;
+    }
+    Ok(())
+}
+
 /// Plaintext gathered before a batch is hashed and sealed.
 const BATCH: usize = 16 * CHUNK;
 
@@ -284,13 +333,10 @@ pub struct BlobSealer<'k, W: Write> {
 
 impl<'k, W: Write> BlobSealer<'k, W> {
     pub fn new(key: &'k DataKey, mut out: W) -> Result<Self> {
-        let mut salt = [0u8; 16];
-        getrandom::fill(&mut salt).map_err(|e| Error::Crypto(format!("no randomness: {e}")))?;
-        out.write_all(MAGIC).map_err(Error::BlobIo)?;
-        out.write_all(&salt).map_err(Error::BlobIo)?;
+        let cipher = write_header(key, &mut out)?;
         Ok(BlobSealer {
             _key: std::marker::PhantomData,
-            cipher: key.blob_cipher(&salt),
+            cipher,
             out,
             index: 0,
             pending: Vec::with_capacity(BATCH + CHUNK),
@@ -388,20 +434,10 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
 impl<'k, R: Read> BlobOpener<'k, R> {
     /// Opens the blob `id` from `input`; `what` names it in errors.
     pub fn new(key: &'k DataKey, mut input: R, id: &str, what: &str) -> Result<Self> {
-        let mut header = [0u8; HEADER];
-        let n = read_full(&mut input, &mut header).map_err(Error::BlobIo)?;
-        let corrupt = || Error::Corrupt {
-            what: what.to_owned(),
-            message: "not a NOA blob (bad header)".into(),
-        };
-        if n < HEADER || &header[..MAGIC.len()] != MAGIC {
-            return Err(corrupt());
-        }
-        let mut salt = [0u8; 16];
-        salt.copy_from_slice(&header[MAGIC.len()..]);
+        let cipher = read_header(key, &mut input, what)?;
         let mut me = BlobOpener {
             _key: std::marker::PhantomData,
-            cipher: key.blob_cipher(&salt),
+            cipher,
             input,
             index: 0,
             ready: Default::default(),
@@ -531,17 +567,12 @@ pub struct BlobFileSealer<W: Write + Send + 'static> {
 impl<W: Write + Send + 'static> BlobFileSealer<W> {
     pub fn new(key: &DataKey, mut out: W) -> Result<Self> {
         use std::sync::{Arc, Mutex, mpsc};
-        let mut salt = [0u8; 16];
-        getrandom::fill(&mut salt).map_err(|e| Error::Crypto(format!("no randomness: {e}")))?;
-        out.write_all(MAGIC).map_err(Error::BlobIo)?;
-        out.write_all(&salt).map_err(Error::BlobIo)?;
-        let cipher = Arc::new(key.blob_cipher(&salt));
+        let cipher = Arc::new(write_header(key, &mut out)?);
         let (to_hasher, hasher_rx) = mpsc::sync_channel::<SealWork>(2);
         let (to_workers, workers_rx) = mpsc::sync_channel::<SealWork>(AHEAD);
         let workers_rx = Arc::new(Mutex::new(workers_rx));
         let (to_writer, writer_rx) = mpsc::channel::<SealWork>();
         let (permits, permits_rx) = mpsc::sync_channel::<()>(AHEAD);
-        let spawn_err = |e: std::io::Error| Error::BlobIo(e);
         let mut hasher = key.hasher();
         let hasher = std::thread::Builder::new()
             .name("noa-blob-hash".into())
@@ -554,29 +585,20 @@ impl<W: Write + Send + 'static> BlobFileSealer<W> {
                 }
                 hasher
             })
-            .map_err(spawn_err)?;
-        let workers = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 4));
-        for _ in 0..workers {
-            let (cipher, rx, tx) = (cipher.clone(), workers_rx.clone(), to_writer.clone());
-            std::thread::Builder::new()
-                .name("noa-blob-seal".into())
-                .spawn(move || {
-                    loop {
-                        let work = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
-                        let Ok((seq, first, mut block)) = work else {
-                            return;
-                        };
-                        // A block that cannot be sealed goes on empty: the writing thread stops there.
-                        if !seal_block(&cipher, first, &mut block) {
-                            block.clear();
-                        }
-                        if tx.send((seq, first, block)).is_err() {
-                            return;
-                        }
-                    }
-                })
-                .map_err(spawn_err)?;
-        }
+            .map_err(Error::BlobIo)?;
+        let sealing = cipher.clone();
+        spawn_workers(
+            "noa-blob-seal",
+            workers_rx,
+            to_writer.clone(),
+            move |(seq, first, mut block): SealWork| {
+                // A block that cannot be sealed goes on empty: the writing thread stops there.
+                if !seal_block(&sealing, first, &mut block) {
+                    block.clear();
+                }
+                (seq, first, block)
+            },
+        )?;
         let writer = std::thread::Builder::new()
             .name("noa-blob-write".into())
             .spawn(move || {
@@ -604,7 +626,7 @@ impl<W: Write + Send + 'static> BlobFileSealer<W> {
                     )))
                 }
             })
-            .map_err(spawn_err)?;
+            .map_err(Error::BlobIo)?;
         Ok(BlobFileSealer {
             cipher,
             pending: Vec::with_capacity(BLOCK),
@@ -766,59 +788,36 @@ impl BlobFileOpener {
     /// Opens the blob `id` from `file`; `what` names it in errors.
     pub fn new(key: &DataKey, mut file: std::fs::File, id: &str, what: &str) -> Result<Self> {
         use std::sync::{Arc, Mutex, mpsc};
-        let mut header = [0u8; HEADER];
-        let n = read_full(&mut file, &mut header).map_err(Error::BlobIo)?;
-        if n < HEADER || &header[..MAGIC.len()] != MAGIC {
-            return Err(Error::Corrupt {
-                what: what.to_owned(),
-                message: "not a NOA blob (bad header)".into(),
-            });
-        }
-        let mut salt = [0u8; 16];
-        salt.copy_from_slice(&header[MAGIC.len()..]);
-        let cipher = Arc::new(key.blob_cipher(&salt));
+        let cipher = Arc::new(read_header(key, &mut file, what)?);
         let (work_tx, work_rx) = mpsc::sync_channel::<Work>(AHEAD);
         let work_rx = Arc::new(Mutex::new(work_rx));
         let (results_tx, results) = mpsc::channel::<Opened>();
         let (permit_tx, permits) = mpsc::sync_channel::<()>(AHEAD);
-        let workers = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 4));
-        let spawn_err = |e: std::io::Error| Error::BlobIo(e);
-        for _ in 0..workers {
-            let (cipher, work_rx, results_tx) =
-                (cipher.clone(), work_rx.clone(), results_tx.clone());
-            let (id, what) = (id.to_owned(), what.to_owned());
-            std::thread::Builder::new()
-                .name("noa-blob-open".into())
-                .spawn(move || {
-                    loop {
-                        let work = work_rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
-                        let Ok(Work {
-                            seq,
-                            last,
-                            mut block,
-                        }) = work
-                        else {
-                            return;
-                        };
-                        let first = seq * BLOCK_CHUNKS as u64;
-                        let opened = open_block(&cipher, first, last, id.as_bytes(), &mut block)
-                            .map(|()| block)
-                            .map_err(|message| Error::Corrupt {
-                                what: what.clone(),
-                                message,
-                            });
-                        if results_tx.send((seq, last, opened)).is_err() {
-                            return;
-                        }
-                    }
-                })
-                .map_err(spawn_err)?;
-        }
+        let (id_owned, what_owned) = (id.to_owned(), what.to_owned());
+        spawn_workers(
+            "noa-blob-open",
+            work_rx,
+            results_tx.clone(),
+            move |Work {
+                      seq,
+                      last,
+                      mut block,
+                  }| {
+                let first = seq * BLOCK_CHUNKS as u64;
+                let opened = open_block(&cipher, first, last, id_owned.as_bytes(), &mut block)
+                    .map(|()| block)
+                    .map_err(|message| Error::Corrupt {
+                        what: what_owned.clone(),
+                        message,
+                    });
+                (seq, last, opened)
+            },
+        )?;
         let what_read = what.to_owned();
         std::thread::Builder::new()
             .name("noa-blob-read".into())
             .spawn(move || read_blocks(file, permit_tx, work_tx, results_tx, what_read))
-            .map_err(spawn_err)?;
+            .map_err(Error::BlobIo)?;
         Ok(BlobFileOpener {
             results,
             permits,

@@ -352,6 +352,16 @@ mod tests {
         p.split('/').map(str::to_owned).collect()
     }
 
+    /// Writes `bytes` to `path` below the mount as the store does: resolve (making folders), create, commit.
+    fn write(m: &Mount, path: &str, bytes: &[u8]) -> u64 {
+        let mut w = HostEntry::resolve(m, &parts(path), true)
+            .unwrap()
+            .create()
+            .unwrap();
+        std::io::Write::write_all(w.file(), bytes).unwrap();
+        w.commit().unwrap()
+    }
+
     #[test]
     fn host_paths_never_escape_the_mount() {
         let dir = tempfile::tempdir().unwrap();
@@ -374,21 +384,11 @@ mod tests {
         let e = HostEntry::resolve(&m, &["a/../../x".into()], false).unwrap_err();
         assert!(e.to_string().contains("plain name"), "{e}");
         // Writing through a link replaces the link; the file it pointed at is untouched.
-        let mut w = HostEntry::resolve(&m, &parts("link"), true)
-            .unwrap()
-            .create()
-            .unwrap();
-        std::io::Write::write_all(w.file(), b"new").unwrap();
-        assert_eq!(w.commit().unwrap(), 3);
+        assert_eq!(write(&m, "link", b"new"), 3);
         assert_eq!(std::fs::read(dir.path().join("secret")).unwrap(), b"s");
         assert_eq!(std::fs::read(root.join("link")).unwrap(), b"new");
         // Missing parents are made inside the mount.
-        let mut w = HostEntry::resolve(&m, &parts("new/deep/f"), true)
-            .unwrap()
-            .create()
-            .unwrap();
-        std::io::Write::write_all(w.file(), b"x").unwrap();
-        w.commit().unwrap();
+        write(&m, "new/deep/f", b"x");
         assert_eq!(std::fs::read(root.join("new/deep/f")).unwrap(), b"x");
         let e = HostEntry::resolve(&m, &parts("nope/f"), false).unwrap_err();
         assert!(matches!(e, Error::NotFound { .. }), "{e}");
@@ -401,12 +401,7 @@ mod tests {
         std::fs::write(root.join("private"), "old").unwrap();
         std::fs::set_permissions(root.join("private"), std::fs::Permissions::from_mode(0o600))
             .unwrap();
-        let mut w = HostEntry::resolve(&m, &parts("private"), true)
-            .unwrap()
-            .create()
-            .unwrap();
-        std::io::Write::write_all(w.file(), b"new").unwrap();
-        w.commit().unwrap();
+        write(&m, "private", b"new");
         let meta = std::fs::metadata(root.join("private")).unwrap();
         assert_eq!(meta.permissions().mode() & 0o777, 0o600);
         // A listing leaves links out.

@@ -526,6 +526,12 @@ impl Store {
     /// Checks that `path` names a file of a writable mount (no file system access): what a write or delete
     /// is refused for before anything is read or made.
     pub fn host_writable(&self, path: &VPath) -> Result<Mount> {
+        self.host_mount(path, true).map(|(m, _)| m)
+    }
+
+    /// The mount a `/host/...` path is on and the components below it; with `for_write`, the mount must be
+    /// writable and the path must name something below it.
+    fn host_mount<'p>(&self, path: &'p VPath, for_write: bool) -> Result<(Mount, &'p [String])> {
         let Namespace::Host { mount, rest } = path.namespace() else {
             return Err(Error::Path {
                 path: path.to_string(),
@@ -533,35 +539,25 @@ impl Store {
             });
         };
         let m = self.mount_named(mount)?;
-        if m.read_only {
+        if for_write && m.read_only {
             return Err(Error::ReadOnly {
                 path: path.to_string(),
             });
         }
-        if rest.is_empty() {
+        if for_write && rest.is_empty() {
             return Err(Error::Path {
                 path: path.to_string(),
                 message: "is the mount itself, not a file".into(),
             });
         }
-        Ok(m)
+        Ok((m, rest))
     }
 
     /// The host entry a `/host/...` path names: its folder opened without following a link at any step
     /// (see [`host`]). With `for_write`, the mount must be writable (see [`Store::host_writable`]); missing
     /// folders on the way are never made here (only [`Store::host_create`] makes them).
     pub fn host_entry(&self, path: &VPath, for_write: bool) -> Result<HostEntry> {
-        let Namespace::Host { mount, rest } = path.namespace() else {
-            return Err(Error::Path {
-                path: path.to_string(),
-                message: "not a host path".into(),
-            });
-        };
-        let m = if for_write {
-            self.host_writable(path)?
-        } else {
-            self.mount_named(mount)?
-        };
+        let (m, rest) = self.host_mount(path, for_write)?;
         HostEntry::resolve(&m, rest, false)
     }
 
@@ -570,16 +566,10 @@ impl Store {
         self.host_entry(path, false)?.open_read()
     }
 
-    /// Starts writing a host file: a new temporary file beside it. Write to it, then
-    /// [`Store::host_commit`] it.
+    /// Starts writing a host file: a new temporary file beside it (missing folders on the way are made).
+    /// Write to it, then [`Store::host_commit`] it.
     pub fn host_create(&self, path: &VPath) -> Result<HostWrite> {
-        let m = self.host_writable(path)?;
-        let Namespace::Host { rest, .. } = path.namespace() else {
-            return Err(Error::Path {
-                path: path.to_string(),
-                message: "not a host path".into(),
-            });
-        };
+        let (m, rest) = self.host_mount(path, true)?;
         HostEntry::resolve(&m, rest, true)?.create()
     }
 
