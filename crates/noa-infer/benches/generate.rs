@@ -11,7 +11,10 @@ use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::{LlamaChatMessage, LlamaModel};
 use llama_cpp_2::sampling::LlamaSampler;
 use noa_infer::{ChatMessage, Engine, EngineOptions, GenerateParams, ModelStore};
+mod peers;
+
 use std::num::NonZeroU32;
+use std::path::Path;
 use std::time::Instant;
 
 const TOKENS: u32 = 128;
@@ -76,18 +79,6 @@ fn raw(backend: &LlamaBackend, model: &LlamaModel) -> (f64, f64) {
     )
 }
 
-/// One `llama-bench -p 0 -n TOKENS -r 1` run of `model`: its generation tokens/s.
-fn llama_bench_tg(bin: &std::path::Path, model: &str) -> Option<f64> {
-    let out = std::process::Command::new(bin)
-        .args(["-m", model, "-p", "0", "-n", &TOKENS.to_string(), "-r", "1"])
-        .args(["-t", &THREADS.to_string(), "-o", "json"])
-        .stderr(std::process::Stdio::null())
-        .output()
-        .ok()?;
-    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-    rows.get(0)?.get("avg_ts")?.as_f64()
-}
-
 fn main() {
     let dir = tempfile::tempdir().unwrap();
     let store = ModelStore::new(&dir.path().join("models"));
@@ -126,16 +117,7 @@ fn main() {
     rt.block_on(engine.load("smollm2", true)).unwrap();
     // llama.cpp's own llama-bench, run between the engine's runs so that both see the same machine (it is
     // shared and noisy): built by bench/llama_peers.sh, or named by NOA_LLAMA_BENCH.
-    let llama_bench = std::env::var_os("NOA_LLAMA_BENCH")
-        .map(std::path::PathBuf::from)
-        .or_else(|| {
-            let home = std::env::var_os("HOME")?;
-            Some(
-                std::path::Path::new(&home)
-                    .join(".cache/noa/llama_cpp_python-0.3.36-build/bin/llama-bench"),
-            )
-        })
-        .filter(|p| p.exists());
+    let llama_bench = peers::llama_bench();
     let runs = 9;
     let (mut raw_tps, mut raw_ttft, mut eng_tps, mut eng_ttft) = (vec![], vec![], vec![], vec![]);
     let (mut peer_tps, mut paired) = (vec![], vec![]);
@@ -151,10 +133,9 @@ fn main() {
             eng_tps.push(usage.tokens_per_second);
             eng_ttft.push(usage.ttft_ms);
         }
-        if let Some(tg) = llama_bench
-            .as_ref()
-            .and_then(|bin| llama_bench_tg(bin, &info.file))
-        {
+        if let Some(tg) = llama_bench.as_ref().and_then(|bin| {
+            peers::llama_bench_tg(bin, Path::new(&info.file), TOKENS, THREADS as u32)
+        }) {
             peer_tps.push(tg);
             if full {
                 // Adjacent in time, so a slow spell of the machine touches both sides of the pair.

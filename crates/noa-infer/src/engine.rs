@@ -64,6 +64,18 @@ pub struct ChatMessage {
     pub content: String,
 }
 
+/// How a model's chat template handles tools ([`Engine::template_tools`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TemplateTools {
+    /// It does not lay them out: they go in a system message.
+    None,
+    /// It lays them out itself, and the tools go to it.
+    Listed,
+    /// It lays them out and asks for calls in `<tool_call>` tags (Hermes style: Qwen, Hermes, SmolLM3 and
+    /// others): the model answers in that form rather than NOA's JSON shape.
+    Tags,
+}
+
 /// Sampling and limits of one request.
 #[derive(Clone, Debug, PartialEq)]
 pub struct GenerateParams {
@@ -80,7 +92,7 @@ pub struct GenerateParams {
     /// Makes the grammar lazy: the output is free until this text appears, and from there on (the text
     /// included) it follows the grammar. How a model that writes tool calls in tags may still answer in prose.
     pub grammar_trigger: Option<String>,
-    /// OpenAI-shaped tools, given to a chat template that takes them ([`Engine::takes_tools`]).
+    /// OpenAI-shaped tools, given to a chat template that takes them ([`Engine::template_tools`]).
     pub tools: Option<serde_json::Value>,
 }
 
@@ -278,25 +290,19 @@ impl Engine {
         *self.inner.keys.write().unwrap_or_else(|e| e.into_inner()) = Some(keys);
     }
 
-    /// Whether `model`'s chat template lays out tools itself (then they go to it instead of a system message).
-    pub fn takes_tools(&self, model: &str) -> bool {
-        self.inner
+    /// How `model`'s chat template handles tools (read from its record once per call).
+    pub fn template_tools(&self, model: &str) -> TemplateTools {
+        let template = self
+            .inner
             .store
             .get(model)
             .ok()
-            .and_then(|i| i.chat_template)
-            .is_some_and(|t| t.contains("tools"))
-    }
-
-    /// Whether `model`'s chat template asks for tool calls in `<tool_call>` tags (Hermes style: Qwen, Hermes,
-    /// SmolLM3 and others): then the model answers in that form rather than NOA's JSON shape.
-    pub fn tool_call_tags(&self, model: &str) -> bool {
-        self.inner
-            .store
-            .get(model)
-            .ok()
-            .and_then(|i| i.chat_template)
-            .is_some_and(|t| t.contains("tools") && t.contains("<tool_call>"))
+            .and_then(|i| i.chat_template);
+        match template.as_deref() {
+            Some(t) if t.contains("tools") && t.contains("<tool_call>") => TemplateTools::Tags,
+            Some(t) if t.contains("tools") => TemplateTools::Listed,
+            _ => TemplateTools::None,
+        }
     }
 
     /// The remote model named `name`, if it is one.

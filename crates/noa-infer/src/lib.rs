@@ -15,8 +15,8 @@ pub mod remote;
 pub mod template;
 
 pub use engine::{
-    ChatMessage, Embeddings, Engine, EngineOptions, Event, GenerateParams, LoadedInfo, Usage,
-    backend,
+    ChatMessage, Embeddings, Engine, EngineOptions, Event, GenerateParams, LoadedInfo,
+    TemplateTools, Usage, backend,
 };
 pub use error::{Error, Result};
 pub use ffi::{PooledContext, ThreadPool};

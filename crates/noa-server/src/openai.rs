@@ -669,8 +669,13 @@ pub async fn chat_completions(
     // A model whose chat template lays out tools gets them in its own format, from the template; one that asks
     // for calls in `<tool_call>` tags answers in them.
     let has_tools = req.tools.as_ref().is_some_and(|t| !t.is_empty());
-    let by_template = has_tools && engine(&state)?.takes_tools(&req.model);
-    let tags = by_template && engine(&state)?.tool_call_tags(&req.model);
+    let layout = if has_tools {
+        engine(&state)?.template_tools(&req.model)
+    } else {
+        noa_infer::TemplateTools::None
+    };
+    let by_template = layout != noa_infer::TemplateTools::None;
+    let tags = layout == noa_infer::TemplateTools::Tags;
     let mut msgs = messages(&req, tags)?;
     let tools = tool_mode(&req, tags)?;
     let include_usage = req.stream_options.is_some_and(|o| o.include_usage);

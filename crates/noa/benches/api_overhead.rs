@@ -7,6 +7,9 @@
 //! `llama-bench` when bench/llama_peers.sh has built it.
 //! Run: `cargo bench -p noa --bench api_overhead` (needs the model wheel cached by scripts/setup.sh).
 
+#[path = "../../noa-infer/benches/peers/mod.rs"]
+mod peers;
+
 use noa_node::infer::{ChatMessage, Engine, EngineOptions, Event, GenerateParams, ModelStore};
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -20,18 +23,28 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// Sends a chat request to the daemon; its (streamed) answer, to read line by line.
+fn post_chat(
+    agent: &ureq::Agent,
+    addr: &str,
+    token: &str,
+    body: &serde_json::Value,
+) -> BufReader<impl std::io::Read> {
+    let resp = agent
+        .post(format!("http://{addr}/v1/chat/completions"))
+        .header("Authorization", format!("Bearer {token}"))
+        .send_json(body)
+        .unwrap();
+    BufReader::new(resp.into_body().into_reader())
+}
+
 /// Milliseconds from sending a streamed chat request to reading the first chunk that carries text, on a
 /// kept-alive connection (as API clients do).
 fn http_ttft(agent: &ureq::Agent, addr: &str, token: &str) -> f64 {
     let body = serde_json::json!({"model": "smollm2", "stream": true, "max_tokens": 4, "temperature": 0,
                                   "messages": [{"role": "user", "content": PROMPT}]});
     let started = Instant::now();
-    let resp = agent
-        .post(format!("http://{addr}/v1/chat/completions"))
-        .header("Authorization", format!("Bearer {token}"))
-        .send_json(&body)
-        .unwrap();
-    let mut r = BufReader::new(resp.into_body().into_reader());
+    let mut r = post_chat(agent, addr, token, &body);
     let mut line = String::new();
     let mut first = None;
     loop {
@@ -80,12 +93,7 @@ fn http_tg(agent: &ureq::Agent, addr: &str, token: &str, i: usize) -> Option<f64
     let body = serde_json::json!({"model": "smollm2", "stream": true, "max_tokens": TG_TOKENS, "temperature": 0,
         "stream_options": {"include_usage": true},
         "messages": [{"role": "user", "content": format!("Write a long story about a dragon who learns to code. ({i})")}]});
-    let resp = agent
-        .post(format!("http://{addr}/v1/chat/completions"))
-        .header("Authorization", format!("Bearer {token}"))
-        .send_json(&body)
-        .unwrap();
-    let mut r = BufReader::new(resp.into_body().into_reader());
+    let mut r = post_chat(agent, addr, token, &body);
     let (mut line, mut first, mut last, mut tokens) = (String::new(), None, None, 0u64);
     loop {
         line.clear();
@@ -106,30 +114,6 @@ fn http_tg(agent: &ureq::Agent, addr: &str, token: &str, i: usize) -> Option<f64
     }
     let secs = last?.duration_since(first?).as_secs_f64();
     (tokens == TG_TOKENS).then(|| (tokens - 1) as f64 / secs)
-}
-
-/// One `llama-bench -p 0 -n TG_TOKENS -t 2 -r 1` run: its generation tokens/s.
-fn llama_bench_tg(bin: &std::path::Path, model: &std::path::Path) -> Option<f64> {
-    let out = Command::new(bin)
-        .arg("-m")
-        .arg(model)
-        .args([
-            "-p",
-            "0",
-            "-n",
-            &TG_TOKENS.to_string(),
-            "-r",
-            "1",
-            "-t",
-            "2",
-            "-o",
-            "json",
-        ])
-        .stderr(Stdio::null())
-        .output()
-        .ok()?;
-    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-    rows.get(0)?.get("avg_ts")?.as_f64()
 }
 
 const TG_TOKENS: u64 = 128;
@@ -200,22 +184,14 @@ fn main() {
     // Generation through the API against llama.cpp's own llama-bench (built by bench/llama_peers.sh, or named
     // by NOA_LLAMA_BENCH), alternated so that both see the same spells of this shared machine.
     engine.unload("smollm2");
-    let bench = std::env::var_os("NOA_LLAMA_BENCH")
-        .map(std::path::PathBuf::from)
-        .or_else(|| {
-            Some(
-                std::path::Path::new(&std::env::var_os("HOME")?)
-                    .join(".cache/noa/llama_cpp_python-0.3.36-build/bin/llama-bench"),
-            )
-        })
-        .filter(|p| p.exists());
+    let bench = peers::llama_bench();
     match bench {
         Some(bin) => {
             let model = dir.path().join("models").join("smollm2.gguf");
             let (mut api, mut peer, mut ratios) = (vec![], vec![], vec![]);
             for i in 0..9 {
                 let a = http_tg(&agent, &addr, &token, i);
-                let b = llama_bench_tg(&bin, &model);
+                let b = peers::llama_bench_tg(&bin, &model, TG_TOKENS as u32, 2);
                 api.extend(a);
                 peer.extend(b);
                 if let (Some(a), Some(b)) = (a, b) {
